@@ -1,0 +1,20 @@
+"""zo2: zeroth-order (MeZO) full-parameter fine-tuning with block offloading, for any HF decoder model.
+
+Native API::
+
+    engine = zo2.ZOEngine(model, zo2.ZOConfig(lr=1e-6, eps=1e-3, working_device="cuda"))
+    result = engine.step({"input_ids": ids, "labels": ids})   # StepResult(loss, projected_grad, ...)
+    engine.flush(); output = engine.forward(input_ids=ids)
+
+ZO2-compatible API: ``zo_hf_init``, ``model.zo_init(cfg)``, ``model.zo_train()``, ``model.zo_eval()``.
+"""
+from .config import ZOConfig, ZOConfigError
+from .dual import DualForwardError
+from .engine import StepResult, ZOEngine, replay
+from .hf import attach_zo_methods, zo_hf_init
+from .models import UnsupportedModelError, find_partition
+from .optim import Update
+
+__all__ = ["ZOConfig", "ZOConfigError", "ZOEngine", "StepResult", "Update", "replay", "zo_hf_init",
+           "attach_zo_methods", "find_partition", "UnsupportedModelError", "DualForwardError"]
+__version__ = "0.1.0"

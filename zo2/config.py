@@ -1,0 +1,149 @@
+"""ZOConfig: every knob of a zeroth-order run, typed, documented and validated."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import torch
+
+METHODS = ("mezo-sgd",)
+NOISE_KINDS = ("gaussian", "rademacher")
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                  "float64": torch.float64}
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
+                  "fp64": "float64", "double": "float64", "float": "float32"}
+
+
+class ZOConfigError(ValueError):
+    """A ZOConfig field holds a value that cannot work; the message names the field and the fix."""
+
+
+def _bad(name: str, value: object, expected: str) -> ZOConfigError:
+    return ZOConfigError(f"ZOConfig.{name}={value!r} is invalid: expected {expected}")
+
+
+def _check_device(name: str, value: str) -> torch.device:
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise _bad(name, value, "'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type not in ("cpu", "cuda"):
+        raise _bad(name, value, "'cpu', 'cuda' or 'cuda:N'")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ZOConfigError(f"ZOConfig.{name}={value!r} asks for CUDA, but torch.cuda.is_available() is "
+                                f"False on this machine; use {name}='cpu' or install a CUDA build of torch")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise _bad(name, value, f"a CUDA index below {torch.cuda.device_count()}")
+    return device
+
+
+@dataclass
+class ZOConfig:
+    """Configuration of zeroth-order (MeZO-style) training with optional block offloading.
+
+    Compatible with ZO2's documented usage:
+    ``ZOConfig(method="mezo-sgd", zo2=True, offloading_device="cpu", working_device="cuda", lr=1e-7)``.
+    """
+
+    method: Literal["mezo-sgd"] = "mezo-sgd"
+    """Optimizer. ``"mezo-sgd"``: SPSA projected gradient with plain SGD on it (MeZO)."""
+    zo2: bool = True
+    """Offload transformer blocks to ``offloading_device`` and stream them through the working device.
+    With ``False`` every unit stays resident on ``working_device`` (plain MeZO)."""
+    lr: float = 1e-7
+    """Learning rate eta of ``theta <- theta - eta * (g * z + weight_decay * theta)``."""
+    eps: float = 1e-3
+    """Perturbation scale epsilon: the two forwards see ``theta + eps * z`` and ``theta - eps * z``."""
+    weight_decay: float = 0.0
+    """Decoupled L2 factor lambda, applied only to weight matrices/embeddings (parameters with 2 or more
+    dimensions), never to biases or normalisation parameters."""
+    noise: Literal["gaussian", "rademacher"] = "gaussian"
+    """Distribution of z: standard normal (MeZO) or random signs (+1/-1)."""
+    seed: int = 0
+    """Base seed. Step t perturbs with a seed derived from (seed, t): the same seed reproduces a run."""
+    working_device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    """Device that runs the forward passes: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``."""
+    offloading_device: str = "cpu"
+    """Where offloaded blocks' master weights live between uses (``"cpu"``: pinned host memory when the
+    working device is CUDA)."""
+    offloading_blocks: Sequence[int] | None = None
+    """Indices of the transformer blocks to offload (negative indices count from the end); ``None``
+    offloads every block. Ignored when ``zo2`` is False. Embedding and head units stay resident."""
+    storage_dtype: str | None = None
+    """dtype of the master weights (``"float32"``, ``"bfloat16"``, ``"float16"``, ``"float64"``); ``None``
+    keeps the model's dtype. bf16/fp16 masters receive updates with stochastic rounding."""
+    num_slots: int = 2
+    """Reusable working-device buffers for offloaded blocks, each as large as the largest block:
+    ``num_slots - 1`` blocks are uploaded ahead of the one being computed (>= 1)."""
+    amp_autocast: bool = False
+    """Accepted for ZO2 compatibility; the forward runs in the storage dtype (must stay False)."""
+    debug_mode: bool = False
+    """Accepted for ZO2 compatibility; extra checks in the dual forward when True."""
+    extra: dict = field(default_factory=dict)
+    """Free-form metadata saved with checkpoints (not interpreted by the engine)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; raise :class:`ZOConfigError` naming the field and the allowed values."""
+        if self.method not in METHODS:
+            raise _bad("method", self.method, f"one of {list(METHODS)}")
+        if self.noise not in NOISE_KINDS:
+            raise _bad("noise", self.noise, f"one of {list(NOISE_KINDS)}")
+        for name in ("lr", "eps", "weight_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                raise _bad(name, value, "a finite number")
+        if self.eps <= 0:
+            raise _bad("eps", self.eps, "a number > 0 (typically 1e-3)")
+        if self.lr < 0:
+            raise _bad("lr", self.lr, "a number >= 0")
+        if self.weight_decay < 0:
+            raise _bad("weight_decay", self.weight_decay, "a number >= 0")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise _bad("seed", self.seed, "an integer >= 0")
+        if not isinstance(self.num_slots, int) or self.num_slots < 1:
+            raise _bad("num_slots", self.num_slots, "an integer >= 1")
+        _check_device("working_device", self.working_device)
+        _check_device("offloading_device", self.offloading_device)
+        if self.offloading_blocks is not None:
+            if isinstance(self.offloading_blocks, (str, bytes)) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) for i in self.offloading_blocks):
+                raise _bad("offloading_blocks", self.offloading_blocks, "None or a list of block indices")
+        if self.storage_dtype is not None:
+            self.storage_dtype = _DTYPE_ALIASES.get(str(self.storage_dtype).replace("torch.", ""),
+                                                    str(self.storage_dtype).replace("torch.", ""))
+            if self.storage_dtype not in STORAGE_DTYPES:
+                raise _bad("storage_dtype", self.storage_dtype, f"None or one of {list(STORAGE_DTYPES)}")
+        if self.amp_autocast:
+            raise _bad("amp_autocast", self.amp_autocast,
+                       "False: zo2 runs the forward in the storage dtype; set storage_dtype instead")
+
+    def offloaded_block_indices(self, num_blocks: int) -> list[int]:
+        """The sorted, non-negative indices of the blocks to offload in a model with ``num_blocks``."""
+        if not self.zo2:
+            return []
+        if self.offloading_blocks is None:
+            return list(range(num_blocks))
+        chosen = set()
+        for index in self.offloading_blocks:
+            if not -num_blocks <= index < num_blocks:
+                raise _bad("offloading_blocks", list(self.offloading_blocks),
+                           f"indices in [-{num_blocks}, {num_blocks}) for this model of {num_blocks} blocks")
+            chosen.add(index % num_blocks)
+        return sorted(chosen)
+
+    @property
+    def torch_storage_dtype(self) -> torch.dtype | None:
+        """``storage_dtype`` as a torch.dtype (None keeps the model's)."""
+        return None if self.storage_dtype is None else STORAGE_DTYPES[self.storage_dtype]
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict of the fields (for checkpoints and logs)."""
+        data = dataclasses.asdict(self)
+        if data["offloading_blocks"] is not None:
+            data["offloading_blocks"] = list(data["offloading_blocks"])
+        return data

@@ -1,0 +1,106 @@
+"""ZO2-compatible Hugging Face API: ``zo_hf_init`` and the ``zo_*`` methods of a model.
+
+    with zo_hf_init(cfg):
+        model = OPTForCausalLM.from_pretrained(path)
+        model.zo_init(cfg)
+    model.zo_train(); loss = model(input_ids=ids, labels=ids)    # one full ZO step
+    model.zo_eval();  out = model(input_ids=ids)                  # normal output, flushed weights
+
+Inside ``zo_hf_init`` every transformers model that is built (``from_pretrained``, ``from_config``,
+``AutoModel...``, or a plain constructor) gets the ``zo_*`` methods; on exit transformers is
+restored exactly as it was, and the models keep their methods.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from .config import ZOConfig
+from .engine import StepResult, ZOEngine
+
+
+def _zo_init(self: nn.Module, config: ZOConfig) -> ZOEngine:
+    """Move the model into zo2's flat storage under ``config`` and return its engine."""
+    if getattr(self, "zo_engine", None) is not None:
+        raise RuntimeError("zo_init was already called on this model")
+    self.zo_engine = ZOEngine(self, config)
+    self.zo_training = False
+    self.zo_last_step: StepResult | None = None
+    self.forward = types.MethodType(_zo_forward, self)
+    original_save = self.save_pretrained
+
+    @functools.wraps(original_save)
+    def save_pretrained(*args: Any, **kwargs: Any) -> Any:
+        self.zo_engine.flush()
+        return original_save(*args, **kwargs)
+
+    self.save_pretrained = save_pretrained
+    return self.zo_engine
+
+
+def _engine(model: nn.Module) -> ZOEngine:
+    engine = getattr(model, "zo_engine", None)
+    if engine is None:
+        raise RuntimeError("call model.zo_init(ZOConfig(...)) before zo_train/zo_eval")
+    return engine
+
+
+def _zo_train(self: nn.Module) -> nn.Module:
+    """Calling the model now performs one ZO step and returns the loss of the +eps pass."""
+    _engine(self)
+    self.zo_training = True
+    return self
+
+
+def _zo_eval(self: nn.Module) -> nn.Module:
+    """Apply pending updates; calling the model now returns its normal output."""
+    _engine(self).flush()
+    self.zo_training = False
+    return self
+
+
+def _zo_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    engine = self.zo_engine
+    if not self.zo_training:
+        return engine.forward(*args, **kwargs)
+    if args:
+        raise TypeError("in zo_train mode pass the batch as keyword arguments, e.g. model(input_ids=..., labels=...)")
+    self.zo_last_step = engine.step(kwargs)
+    return torch.tensor(self.zo_last_step.loss)
+
+
+def attach_zo_methods(model: nn.Module) -> nn.Module:
+    """Give one model instance ``zo_init``, ``zo_train`` and ``zo_eval`` (what ``zo_hf_init`` does)."""
+    for name, fn in (("zo_init", _zo_init), ("zo_train", _zo_train), ("zo_eval", _zo_eval)):
+        setattr(model, name, types.MethodType(fn, model))
+    return model
+
+
+@contextlib.contextmanager
+def zo_hf_init(config: ZOConfig | None = None) -> Iterator[None]:
+    """Context in which every transformers model built gets the ``zo_*`` methods.
+
+    ``config`` is accepted for ZO2 compatibility and validated; the model is placed by ``zo_init``.
+    Transformers is restored on exit, even when the block raises.
+    """
+    if config is not None:
+        config.validate()
+    original = PreTrainedModel.post_init
+
+    @functools.wraps(original)
+    def post_init(self: PreTrainedModel, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        attach_zo_methods(self)
+        return result
+
+    PreTrainedModel.post_init = post_init
+    try:
+        yield
+    finally:
+        PreTrainedModel.post_init = original

@@ -1,0 +1,67 @@
+"""Per-half losses of the dual forward, for any Hugging Face task head.
+
+The model never sees the targets (HF would average its loss over both halves); the engine takes
+the logits of each half and calls the model's own loss function (transformers' ``LOSS_MAPPING``, chosen by the
+class name as transformers chooses it: ``...ForCausalLM``, ``...ForSequenceClassification``, ...).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+from transformers.loss.loss_utils import LOSS_MAPPING
+
+#: How to call each HF loss on one half: (target keys, call(loss_fn, model, output_half, targets)).
+_TASKS: dict[str, tuple[tuple[str, ...], Callable]] = {
+    "ForCausalLM": (("labels",), lambda fn, model, out, t: fn(
+        logits=out["logits"], labels=t["labels"], vocab_size=out["logits"].shape[-1])),
+    "ForSequenceClassification": (("labels",), lambda fn, model, out, t: fn(
+        labels=t["labels"], pooled_logits=out["logits"], config=model.config)),
+    "ForTokenClassification": (("labels",), lambda fn, model, out, t: fn(
+        logits=out["logits"], labels=t["labels"], config=model.config)),
+    "ForQuestionAnswering": (("start_positions", "end_positions"), lambda fn, model, out, t: fn(
+        start_logits=out["start_logits"], end_logits=out["end_logits"], **t)),
+}
+_TASKS["ForConditionalGeneration"] = _TASKS["ForCausalLM"]
+
+
+def task_of(model: nn.Module) -> str:
+    """The loss family of ``model`` ("ForCausalLM", "ForSequenceClassification", ...)."""
+    loss_type = getattr(model, "loss_type", None) or "ForCausalLM"
+    if loss_type not in _TASKS:
+        raise ValueError(f"{type(model).__name__}: zo2 has no per-half loss for loss type {loss_type!r}; "
+                         f"supported: {sorted(_TASKS)}")
+    return loss_type
+
+
+def split_targets(model: nn.Module, batch: Mapping[str, Any]) -> tuple[dict, dict]:
+    """(model inputs, targets): the task's target keys are taken out of ``batch``."""
+    keys, _ = _TASKS[task_of(model)]
+    missing = [k for k in keys if batch.get(k) is None]
+    if missing:
+        raise ValueError(f"a ZO training step needs targets to compute a loss: missing {missing} in the batch "
+                         f"(got keys {sorted(batch)}); for causal LMs pass labels=input_ids")
+    inputs = {k: v for k, v in batch.items() if k not in keys}
+    return inputs, {k: batch[k] for k in keys}
+
+
+def batch_size(inputs: Mapping[str, Any]) -> int:
+    """The batch size: dim 0 of ``input_ids`` (or ``inputs_embeds``)."""
+    for key in ("input_ids", "inputs_embeds"):
+        if isinstance(inputs.get(key), torch.Tensor):
+            return int(inputs[key].shape[0])
+    raise ValueError(f"cannot find the batch size: expected input_ids or inputs_embeds, got {sorted(inputs)}")
+
+
+def _half(output: Any, start: int, stop: int) -> dict:
+    return {k: v[start:stop] if isinstance(v, torch.Tensor) and v.dim() else v for k, v in output.items()}
+
+
+def half_losses(model: nn.Module, output: Any, targets: Mapping[str, torch.Tensor], half: int) -> tuple[float, float]:
+    """The loss of the first half (+eps) and of the second half (-eps) of a doubled-batch output."""
+    _, call = _TASKS[task_of(model)]
+    fn = LOSS_MAPPING[task_of(model)]
+    plus = call(fn, model, _half(output, 0, half), targets)
+    minus = call(fn, model, _half(output, half, 2 * half), targets)
+    return tuple(torch.stack((plus.detach().float(), minus.detach().float())).tolist())  # one device sync

@@ -1,0 +1,86 @@
+"""MeZO-SGD on flat buffers: the update of a step and the two perturbed copies of the next.
+
+    theta <- theta - lr * (g * z(seed) + weight_decay * theta)      (decay on [0, n_decay) only)
+    plus   = theta + eps * z(seed'),   minus = theta - eps * z(seed')
+
+z is regenerated from its seed chunk by chunk (never stored). Every function here is elementwise
+and processes chunks at absolute offsets, so training, flushing and replaying an update history
+produce the same bits. Masters in bf16/fp16 take updates with stochastic rounding, so updates far
+below one ulp survive in expectation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from . import noise
+from .storage import Unit
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Update:
+    """One step of MeZO-SGD, all that is needed to redo it: the seed of z, g and the learning rate."""
+
+    seed: int
+    projected_grad: float
+    lr: float
+
+
+def stochastic_round(values: torch.Tensor, dtype: torch.dtype, uniform: torch.Tensor) -> torch.Tensor:
+    """Round float32 ``values`` to ``dtype``, up or down with probability given by the distance.
+
+    ``uniform`` holds one U[0, 1) draw per element. E[result] == values (for finite values in range).
+    """
+    nearest = values.to(dtype)
+    error = values - nearest.float()
+    toward = torch.where(error >= 0, torch.full_like(nearest, float("inf")), torch.full_like(nearest, float("-inf")))
+    neighbour = torch.nextafter(nearest, toward)
+    gap = neighbour.float() - nearest.float()
+    take_neighbour = uniform * gap.abs() < error.abs()
+    return torch.where(take_neighbour, neighbour, nearest)
+
+
+def _update_chunk(chunk: torch.Tensor, offset: int, unit: Unit, update: Update, noise_kind: str,
+                  weight_decay: float) -> None:
+    z = noise.generate(noise_kind, update.seed, unit.index, offset, chunk.numel(), device=chunk.device)
+    low_precision = chunk.dtype in _LOW_PRECISION
+    work = chunk.float() if low_precision else chunk
+    decayed = max(0, min(chunk.numel(), unit.n_decay - offset))
+    if weight_decay and decayed:
+        work[:decayed].mul_(1.0 - update.lr * weight_decay)
+    work.add_(z.to(work.dtype), alpha=-update.lr * update.projected_grad)
+    if low_precision:
+        uniform = noise.generate("uniform", update.seed, unit.index, offset, chunk.numel(),
+                                 stream=noise.ROUNDING_STREAM, device=chunk.device)
+        chunk.copy_(stochastic_round(work, chunk.dtype, uniform))
+
+
+def apply_updates(buffer: torch.Tensor, unit: Unit, updates: Sequence[Update], *, noise_kind: str,
+                  weight_decay: float) -> None:
+    """Apply ``updates`` in order, in place, to ``buffer`` (laid out like ``unit.master``)."""
+    for offset, length in noise.chunks(0, buffer.numel()):
+        for update in updates:
+            _update_chunk(buffer[offset:offset + length], offset, unit, update, noise_kind, weight_decay)
+
+
+def update_and_perturb(buffer: torch.Tensor, unit: Unit, updates: Sequence[Update], seed: int, eps: float, *,
+                       noise_kind: str, weight_decay: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply pending ``updates`` to ``buffer`` in place, then return (buffer + eps*z, buffer - eps*z).
+
+    One pass over the buffer: each chunk is updated and perturbed while it is hot in cache.
+    """
+    plus, minus = torch.empty_like(buffer), torch.empty_like(buffer)
+    for offset, length in noise.chunks(0, buffer.numel()):
+        chunk = buffer[offset:offset + length]
+        for update in updates:
+            _update_chunk(chunk, offset, unit, update, noise_kind, weight_decay)
+        z = noise.generate(noise_kind, seed, unit.index, offset, length, device=buffer.device)
+        base = chunk.float() if chunk.dtype in _LOW_PRECISION else chunk
+        z = z.to(base.dtype)
+        plus[offset:offset + length] = torch.add(base, z, alpha=eps)
+        minus[offset:offset + length] = torch.add(base, z, alpha=-eps)
+    return plus, minus

@@ -1,0 +1,131 @@
+"""Moves offloaded units between their master (offloading device) and the slots (working device).
+
+On CUDA three streams are ordered with events, never with host-blocking syncs in the steady state:
+
+* upload stream: master -> slot. Waits for the slot's previous user to finish (its release event)
+  and for the unit's last write-back (the host copy must be final before it is read).
+* compute stream (the current stream): waits for the upload event before touching the slot.
+* offload stream: slot -> master, waits for the compute event recorded right after the update, so
+  the write-back overlaps the forwards that run on the working buffers.
+
+Units are uploaded ``len(pool) - 1`` ahead of use in the expected order (the walk order of the
+blocks). On the CPU every copy is synchronous and the same code path runs without streams.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .storage import SlotPool, Unit
+
+
+@dataclass
+class _Upload:
+    slot: int
+    done: torch.cuda.Event | None
+
+
+class TransferScheduler:
+    """Uploads, write-backs and prefetch of offloaded units through a :class:`SlotPool`."""
+
+    def __init__(self, order: list[Unit], pool: SlotPool, device: torch.device) -> None:
+        self.order = order
+        self.position = {unit.index: k for k, unit in enumerate(order)}
+        self.pool = pool
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.upload_stream = torch.cuda.Stream(device)
+            self.offload_stream = torch.cuda.Stream(device)
+        self._inflight: dict[int, _Upload] = {}
+        self._slot_free: list[list[torch.cuda.Event]] = [[] for _ in range(len(pool))]
+        self._host_ready: dict[int, torch.cuda.Event] = {}
+        self._next = 0  # position in ``order`` of the next unit to upload
+
+    def _event(self, stream=None) -> torch.cuda.Event | None:
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(stream or torch.cuda.current_stream())
+        return event
+
+    def _free_slot(self) -> int:
+        busy = {upload.slot for upload in self._inflight.values()}
+        for slot in range(len(self.pool)):
+            if slot not in busy:
+                return slot
+        raise RuntimeError("zo2 internal error: every slot holds a unit that was not released")
+
+    def _upload(self, unit: Unit) -> None:
+        slot = self._free_slot()
+        buffer = self.pool.buffers[slot][:unit.numel]
+        if not self.cuda:
+            buffer.copy_(unit.master)
+            self._inflight[unit.index] = _Upload(slot, None)
+            return
+        with torch.cuda.stream(self.upload_stream):
+            for event in self._slot_free[slot]:
+                self.upload_stream.wait_event(event)
+            if unit.index in self._host_ready:
+                self.upload_stream.wait_event(self._host_ready.pop(unit.index))
+            buffer.copy_(unit.master, non_blocking=True)
+            self._inflight[unit.index] = _Upload(slot, self._event(self.upload_stream))
+
+    def _prefetch(self) -> None:
+        while self._next < len(self.order) and len(self._inflight) < len(self.pool) - 1:
+            unit = self.order[self._next]
+            if unit.index not in self._inflight:
+                self._upload(unit)
+            self._next += 1
+
+    def restart(self) -> None:
+        """Start a new pass over the units: prefetch from the first one in order."""
+        self._next = 0
+        self._prefetch()
+
+    def acquire(self, unit: Unit) -> torch.Tensor:
+        """The unit's weights in a working-device slot, ready for the compute stream."""
+        if unit.index not in self._inflight:
+            if len(self._inflight) == len(self.pool):
+                raise RuntimeError("zo2 internal error: no free slot; release units after use")
+            self._upload(unit)
+            self._next = self.position.get(unit.index, self._next - 1) + 1
+        upload = self._inflight[unit.index]
+        if upload.done is not None:
+            torch.cuda.current_stream().wait_event(upload.done)
+        return self.pool.buffers[upload.slot][:unit.numel]
+
+    def write_back(self, unit: Unit, buffer: torch.Tensor) -> None:
+        """Copy ``buffer`` (the unit's updated weights) back to its master once compute reaches here."""
+        if not self.cuda:
+            unit.master.copy_(buffer)
+            return
+        ready = self._event()
+        with torch.cuda.stream(self.offload_stream):
+            self.offload_stream.wait_event(ready)
+            unit.master.copy_(buffer, non_blocking=True)
+            done = self._event(self.offload_stream)
+        self._host_ready[unit.index] = done
+        self._slot_free[self._inflight[unit.index].slot] = [done]
+
+    def release(self, unit: Unit) -> None:
+        """The slot of ``unit`` may be reused once the compute work issued so far has finished."""
+        upload = self._inflight.pop(unit.index)
+        if self.cuda:
+            pending = [e for e in self._slot_free[upload.slot] if not e.query()]
+            self._slot_free[upload.slot] = pending + [self._event()]
+        self._prefetch()
+
+    def synchronize_host(self) -> None:
+        """Block until every write-back has landed in the masters (before reading them on the host)."""
+        for event in self._host_ready.values():
+            event.synchronize()
+        self._host_ready.clear()
+
+    def reset(self) -> None:
+        """Forget every upload (after a walk was interrupted); their slots become free for later uploads."""
+        for upload in self._inflight.values():
+            if self.cuda:
+                self._slot_free[upload.slot].append(self._event())
+        self._inflight.clear()
+        self._next = len(self.order)
