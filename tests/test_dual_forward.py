@@ -1,0 +1,97 @@
+"""The one-walk dual forward reproduces two separate perturbed forwards, and the ZO step behaves."""
+import copy
+
+import pytest
+import torch
+
+from zo2 import ZOConfig, ZOEngine, noise
+from conftest import ARCHS, make_batch, make_model
+
+
+def _perturbed_copy(base, engine, seed, sign, eps):
+    """``base`` with every parameter moved by sign * eps * z, z generated per parameter independently."""
+    model = copy.deepcopy(base)
+    names = {id(p): n for n, p in engine.model.named_parameters(remove_duplicate=False)}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for unit in engine.units:
+            for param, offset in zip(unit.params, unit.offsets):
+                z = noise.generate(engine.config.noise, seed, unit.index, offset, param.numel()).view(param.shape)
+                target = params[names[id(param)]]
+                target.copy_(torch.add(target, z, alpha=sign * eps))  # the engine's op: one rounding
+    return model.eval()
+
+
+def _separate_losses(base, engine, batch, seed):
+    losses = []
+    for sign in (1, -1):
+        model = _perturbed_copy(base, engine, seed, sign, engine.config.eps)
+        with torch.no_grad():
+            losses.append(model(**batch, use_cache=False).loss.item())  # the model's own HF loss
+    return losses
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_dual_walk_equals_two_separate_forwards(arch):
+    base = make_model(arch)
+    batch = make_batch()
+    engine = ZOEngine(copy.deepcopy(base), ZOConfig(working_device="cpu", eps=1e-2))
+    result = engine.step(batch)
+    assert [result.loss, result.loss_minus] == _separate_losses(base, engine, batch, result.seed)
+
+
+@pytest.mark.parametrize("head", ["seq-cls", "qa"])
+@pytest.mark.parametrize("arch", ["opt", "llama"])
+def test_dual_walk_equals_separate_forwards_for_task_heads(arch, head):
+    base = make_model(arch, head=head)
+    batch = make_batch(head)
+    engine = ZOEngine(copy.deepcopy(base), ZOConfig(working_device="cpu", eps=1e-2))
+    result = engine.step(batch)
+    assert [result.loss, result.loss_minus] == _separate_losses(base, engine, batch, result.seed)
+
+
+def test_projected_gradient_is_the_loss_difference_over_two_eps():
+    engine = ZOEngine(make_model("llama"), ZOConfig(working_device="cpu", eps=1e-3))
+    result = engine.step(make_batch())
+    assert result.projected_grad == (result.loss - result.loss_minus) / 2e-3
+    assert result.loss != result.loss_minus
+
+
+def test_dropout_is_off_during_zo_forwards_whatever_the_model_mode():
+    base = make_model("opt", dropout=0.5, attention_dropout=0.5)
+    batch = make_batch()
+    losses = []
+    for training in (True, False):
+        model = copy.deepcopy(base).train(training)
+        engine = ZOEngine(model, ZOConfig(working_device="cpu", eps=1e-2))
+        losses.append(engine.step(batch))
+        assert model.training == training  # the mode is restored afterwards
+    assert losses[0] == losses[1]
+    assert [losses[0].loss, losses[0].loss_minus] == _separate_losses(base, engine, batch, losses[0].seed)
+
+
+def test_a_seed_makes_a_run_reproducible_and_the_global_rng_is_untouched():
+    batch = make_batch()
+    runs = []
+    for seed in (5, 5, 6):
+        engine = ZOEngine(make_model("llama"), ZOConfig(working_device="cpu", lr=1e-2, seed=seed))
+        torch.manual_seed(1234)
+        state = torch.get_rng_state()
+        runs.append([engine.step(batch) for _ in range(3)])
+        assert torch.equal(state, torch.get_rng_state())
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_missing_targets_are_explained():
+    engine = ZOEngine(make_model("llama"), ZOConfig(working_device="cpu"))
+    with pytest.raises(ValueError, match="needs targets.*missing \\['labels'\\]"):
+        engine.step({"input_ids": make_batch()["input_ids"]})
+
+
+def test_non_finite_loss_records_no_update():
+    engine = ZOEngine(make_model("llama"), ZOConfig(working_device="cpu"))
+    batch = make_batch()
+    batch["labels"] = torch.full_like(batch["labels"], -100)  # nothing to predict: the mean loss is NaN
+    with pytest.raises(FloatingPointError, match="no update was recorded"):
+        engine.step(batch)
+    assert engine.history == [] and engine.step_count == 0

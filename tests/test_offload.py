@@ -1,0 +1,53 @@
+"""Offloaded and resident training give bitwise identical masters (DESIGN invariant 1)."""
+import pytest
+import torch
+
+from zo2 import ZOConfig, ZOEngine
+from conftest import ARCHS, make_batch, make_model, masters
+
+STEPS = 10
+
+
+def _train(model, batch, **config):
+    engine = ZOEngine(model, ZOConfig(working_device="cpu", lr=1e-2, eps=1e-3, weight_decay=0.1, **config))
+    results = [engine.step(batch) for _ in range(STEPS)]
+    return masters(engine), results
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_offloaded_equals_resident_after_ten_steps(arch):
+    batch = make_batch()
+    resident, res_steps = _train(make_model(arch), batch, zo2=False)
+    offloaded, off_steps = _train(make_model(arch), batch, zo2=True)
+    assert torch.equal(resident, offloaded)
+    assert [r.projected_grad for r in res_steps] == [r.projected_grad for r in off_steps]
+    assert not torch.equal(resident, masters(ZOEngine(make_model(arch), ZOConfig(working_device="cpu"))))
+
+
+@pytest.mark.parametrize("head", ["seq-cls", "qa"])
+@pytest.mark.parametrize("arch", ["opt", "llama"])
+def test_offloaded_equals_resident_for_task_heads(arch, head):
+    batch = make_batch(head)
+    resident, _ = _train(make_model(arch, head=head), batch, zo2=False)
+    offloaded, _ = _train(make_model(arch, head=head), batch, zo2=True)
+    assert torch.equal(resident, offloaded)
+
+
+@pytest.mark.parametrize("config", [dict(num_slots=1), dict(num_slots=3), dict(offloading_blocks=[1]),
+                                    dict(noise="rademacher"), dict(storage_dtype="bfloat16")])
+def test_offload_settings_do_not_change_the_result(config):
+    batch = make_batch()
+    extra = {k: v for k, v in config.items() if k in ("noise", "storage_dtype")}
+    resident, _ = _train(make_model("llama", num_hidden_layers=4), batch, zo2=False, **extra)
+    offloaded, _ = _train(make_model("llama", num_hidden_layers=4), batch, zo2=True, **config)
+    assert torch.equal(resident, offloaded)
+
+
+def test_offloaded_masters_live_on_the_offloading_device_between_steps():
+    model = make_model("llama")
+    engine = ZOEngine(model, ZOConfig(working_device="cpu", offloading_blocks=[0]))
+    engine.step(make_batch())
+    block = engine.units[1]
+    assert block.offloaded and not engine.units[2].offloaded
+    assert all(p.data_ptr() >= block.master.data_ptr() for p in block.params)
+    assert all(p.data_ptr() < block.master.data_ptr() + block.master.nbytes for p in block.params)
