@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from zo2 import ZOConfig, ZOEngine, noise
+from zo2.losses import causal_lm_loss
 from conftest import ARCHS, make_batch, make_model
 
 
@@ -27,7 +28,9 @@ def _separate_losses(base, engine, batch, seed):
     for sign in (1, -1):
         model = _perturbed_copy(base, engine, seed, sign, engine.config.eps)
         with torch.no_grad():
-            losses.append(model(**batch, use_cache=False).loss.item())  # the model's own HF loss
+            output = model(**batch, use_cache=False)  # the HF loss of the task heads, computed by the model
+        is_causal = "labels" in batch and output.logits.dim() == 3
+        losses.append(causal_lm_loss(output.logits, batch["labels"]).item() if is_causal else output.loss.item())
     return losses
 
 
@@ -48,6 +51,15 @@ def test_dual_walk_equals_separate_forwards_for_task_heads(arch, head):
     engine = ZOEngine(copy.deepcopy(base), ZOConfig(working_device="cpu", eps=1e-2))
     result = engine.step(batch)
     assert [result.loss, result.loss_minus] == _separate_losses(base, engine, batch, result.seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_lm_loss_is_the_hf_loss(dtype):
+    model = make_model("llama", dtype=dtype).eval()
+    batch = make_batch()
+    with torch.no_grad():
+        output = model(**batch, use_cache=False)
+    assert causal_lm_loss(output.logits, batch["labels"]).item() == pytest.approx(output.loss.item(), rel=1e-6)
 
 
 def test_projected_gradient_is_the_loss_difference_over_two_eps():

@@ -1,8 +1,9 @@
 """Per-half losses of the dual forward, for any Hugging Face task head.
 
 The model never sees the targets (HF would average its loss over both halves); the engine takes
-the logits of each half and calls the model's own loss function (transformers' ``LOSS_MAPPING``, chosen by the
-class name as transformers chooses it: ``...ForCausalLM``, ``...ForSequenceClassification``, ...).
+the logits of each half and applies the task's loss: shifted cross-entropy for causal LMs, and the
+HF loss (transformers' ``LOSS_MAPPING``, chosen by class name as transformers chooses it) for the
+other heads: ``...ForSequenceClassification``, ``...ForQuestionAnswering``, ``...ForTokenClassification``.
 """
 from __future__ import annotations
 
@@ -12,10 +13,17 @@ import torch
 from torch import nn
 from transformers.loss.loss_utils import LOSS_MAPPING
 
-#: How to call each HF loss on one half: (target keys, call(loss_fn, model, output_half, targets)).
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """Mean next-token cross-entropy over labels != -100, computed in at least float32 (float64 stays
+    float64, so finite differences of float64 models keep their precision)."""
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+    targets = labels[:, 1:].to(logits.device)
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
+#: How to call each loss on one half: (target keys, call(loss_fn, model, output_half, targets)).
 _TASKS: dict[str, tuple[tuple[str, ...], Callable]] = {
-    "ForCausalLM": (("labels",), lambda fn, model, out, t: fn(
-        logits=out["logits"], labels=t["labels"], vocab_size=out["logits"].shape[-1])),
+    "ForCausalLM": (("labels",), lambda fn, model, out, t: causal_lm_loss(out["logits"], t["labels"])),
     "ForSequenceClassification": (("labels",), lambda fn, model, out, t: fn(
         labels=t["labels"], pooled_logits=out["logits"], config=model.config)),
     "ForTokenClassification": (("labels",), lambda fn, model, out, t: fn(
@@ -64,4 +72,4 @@ def half_losses(model: nn.Module, output: Any, targets: Mapping[str, torch.Tenso
     fn = LOSS_MAPPING[task_of(model)]
     plus = call(fn, model, _half(output, 0, half), targets)
     minus = call(fn, model, _half(output, half, 2 * half), targets)
-    return tuple(torch.stack((plus.detach().float(), minus.detach().float())).tolist())  # one device sync
+    return tuple(torch.stack((plus.detach(), minus.detach())).tolist())  # one device sync
