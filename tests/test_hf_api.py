@@ -1,0 +1,106 @@
+"""The documented ZO2 usage (zo_hf_init, zo_init, zo_train, zo_eval) and HF checkpoints."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, OPTForCausalLM, PreTrainedModel
+
+from zo2 import ZOConfig, zo_hf_init
+from zo2.losses import causal_lm_loss
+from conftest import CORE_ARCHS, make_batch, make_config, make_model
+
+
+@pytest.fixture
+def opt_path(tmp_path):
+    make_model("opt").save_pretrained(tmp_path / "opt")
+    return tmp_path / "opt"
+
+
+def test_documented_usage_trains_evaluates_and_saves(opt_path, tmp_path):
+    cfg = ZOConfig(method="mezo-sgd", zo2=True, offloading_device="cpu", working_device="cpu", lr=1e-2)
+    with zo_hf_init(cfg):
+        model = OPTForCausalLM.from_pretrained(opt_path)
+        model.zo_init(cfg)
+    batch = make_batch()
+    model.zo_train()
+    losses = [model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+              for _ in range(3)]
+    assert all(isinstance(loss, torch.Tensor) and loss.dim() == 0 for loss in losses)
+    assert losses[-1].item() == model.zo_last_step.loss  # the loss of the +eps pass
+
+    model.zo_eval()
+    output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    model.save_pretrained(tmp_path / "trained")
+    plain = OPTForCausalLM.from_pretrained(tmp_path / "trained").eval()
+    assert not hasattr(plain, "zo_init")
+    with torch.no_grad():
+        reloaded = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert torch.equal(output.logits, reloaded.logits)
+    base = OPTForCausalLM.from_pretrained(opt_path)
+    assert not torch.equal(base.model.decoder.layers[0].fc1.weight, plain.model.decoder.layers[0].fc1.weight)
+
+
+def test_save_pretrained_flushes_pending_updates(opt_path, tmp_path):
+    cfg = ZOConfig(working_device="cpu", lr=1e-2)
+    with zo_hf_init(cfg):
+        model = OPTForCausalLM.from_pretrained(opt_path)
+    model.zo_init(cfg)
+    model.zo_train()
+    batch = make_batch()
+    model(**batch)
+    model.save_pretrained(tmp_path / "saved")  # no zo_eval in between: the pending update must be applied
+    saved = OPTForCausalLM.from_pretrained(tmp_path / "saved")
+    model.zo_eval()
+    assert torch.equal(saved.lm_head.weight, model.lm_head.weight.detach())
+    assert all(unit.applied == 1 for unit in model.zo_engine.units)
+
+
+@pytest.mark.parametrize("arch", CORE_ARCHS)
+def test_zo_hf_init_works_for_auto_models_of_every_core_architecture(arch):
+    cfg = ZOConfig(working_device="cpu", lr=1e-2)
+    with zo_hf_init(cfg):
+        model = AutoModelForCausalLM.from_config(make_config(arch))
+        model.zo_init(cfg)
+    batch = make_batch()
+    model.zo_train()
+    first = model(**batch).item()
+    model.zo_eval()
+    output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert torch.isfinite(output.logits).all() and first > 0
+    assert causal_lm_loss(output.logits, batch["labels"]).item() > 0
+
+
+def test_zo_hf_init_restores_transformers_even_on_error():
+    original = PreTrainedModel.post_init
+    with pytest.raises(RuntimeError, match="boom"):
+        with zo_hf_init(ZOConfig(working_device="cpu")):
+            assert PreTrainedModel.post_init is not original
+            inside = make_model("llama")
+            raise RuntimeError("boom")
+    assert PreTrainedModel.post_init is original
+    assert hasattr(inside, "zo_init")
+    assert not hasattr(make_model("llama"), "zo_init")
+
+
+def test_zo_methods_before_zo_init_explain_what_to_do():
+    with zo_hf_init():
+        model = make_model("llama")
+    with pytest.raises(RuntimeError, match=r"call model.zo_init\(ZOConfig\(...\)\) before"):
+        model.zo_train()
+    model.zo_init(ZOConfig(working_device="cpu"))
+    with pytest.raises(RuntimeError, match="already called"):
+        model.zo_init(ZOConfig(working_device="cpu"))
+
+
+def test_zo_eval_output_is_the_plain_model_output_with_current_weights():
+    with zo_hf_init():
+        model = make_model("gpt2")
+    model.zo_init(ZOConfig(working_device="cpu", lr=1e-2))
+    batch = make_batch()
+    model.zo_train()
+    model(**batch)
+    model.zo_eval()
+    output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    plain = make_model("gpt2")
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        expected = plain.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert torch.equal(output.logits, expected.logits)
