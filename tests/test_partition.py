@@ -99,3 +99,14 @@ def test_parameters_are_views_of_the_flat_master():
         assert all(p.untyped_storage().data_ptr() == base for p in unit.params)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     assert all(torch.isfinite(v).all() for v in state.values())
+
+
+class _BatchNormModel(_MiddleModule):
+    def __init__(self):
+        super().__init__()
+        self.mid = nn.BatchNorm1d(4)
+
+
+def test_batch_coupling_modules_are_refused():
+    with pytest.raises(UnsupportedModelError, match="normalise across the batch"):
+        find_partition(_BatchNormModel())

@@ -92,6 +92,7 @@ class ZOEngine:
         if offloaded:
             pool = SlotPool(config.num_slots, max(u.numel for u in offloaded), offloaded[0].master.dtype, self.device)
             self._scheduler = TransferScheduler(offloaded, pool, self.device)
+        logger.debug("zo2 units:\n%s", self.describe())
 
     # ----------------------------------------------------------------------------------- set-up
     @staticmethod

@@ -84,6 +84,14 @@ def _siblings_of_path(model: nn.Module, blocks_name: str) -> list[tuple[str, nn.
     return siblings
 
 
+def _refuse_row_coupling(model: nn.Module) -> None:
+    """Batch norm mixes batch rows, so the two halves of the dual forward would see each other."""
+    coupled = [name for name, module in model.named_modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    if coupled:
+        raise UnsupportedModelError(f"{type(model).__name__}: {coupled[:3]} normalise across the batch; the dual "
+                                    "forward runs both perturbations in one batch and needs rows to be independent")
+
+
 def _probe_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
     vocab = int(getattr(model.config, "vocab_size", 8) or 8)
     device = next(model.parameters()).device
@@ -99,6 +107,7 @@ def find_partition(model: nn.Module, probe_inputs: dict | None = None) -> Partit
     between blocks, or a module runs both before and after them.
     """
     blocks_name, blocks = find_blocks(model)
+    _refuse_row_coupling(model)
     siblings = [(n, m) for n, m in _siblings_of_path(model, blocks_name) if _param_count(m) > 0]
     calls: dict[str, list[int]] = {}
     counter = [0]

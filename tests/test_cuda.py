@@ -1,0 +1,31 @@
+"""The CUDA path (streams, events, pinned masters): runs only where a GPU is present."""
+import pytest
+import torch
+
+from zo2 import ZOConfig, ZOEngine, noise
+from conftest import make_batch, make_model, masters
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_noise_on_the_gpu_matches_the_cpu():
+    for kind in ("rademacher", "uniform"):
+        assert torch.equal(noise.generate(kind, 3, 1, 5, 100_000, device="cuda").cpu(),
+                           noise.generate(kind, 3, 1, 5, 100_000))
+    gpu = noise.generate("gaussian", 3, 1, 5, 100_000, device="cuda").cpu()
+    torch.testing.assert_close(gpu, noise.generate("gaussian", 3, 1, 5, 100_000), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_slots", [1, 2, 3])
+def test_offloaded_equals_resident_on_cuda(num_slots):
+    batch = make_batch()
+    results = []
+    for zo2 in (False, True):
+        engine = ZOEngine(make_model("llama", num_hidden_layers=6),
+                          ZOConfig(working_device="cuda", zo2=zo2, num_slots=num_slots, lr=1e-2, weight_decay=0.1))
+        for _ in range(10):
+            engine.step(batch)
+        results.append(masters(engine))
+        if zo2:
+            assert all(u.master.is_pinned() for u in engine.units if u.offloaded)
+    assert torch.equal(*results)
