@@ -11,6 +11,7 @@ from conftest import make_model
     ("eps", -1e-3, "ZOConfig.eps"),
     ("lr", -1.0, "ZOConfig.lr"),
     ("lr", float("nan"), "ZOConfig.lr"),
+    ("eps", float("inf"), "expected a finite number"),
     ("weight_decay", -0.1, "ZOConfig.weight_decay"),
     ("method", "adam", "ZOConfig.method='adam' is invalid: expected one of ['mezo-sgd']"),
     ("noise", "uniform", "ZOConfig.noise='uniform' is invalid: expected one of ['gaussian', 'rademacher']"),

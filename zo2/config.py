@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch
@@ -77,12 +78,6 @@ class ZOConfig:
     num_slots: int = 2
     """Reusable working-device buffers for offloaded blocks, each as large as the largest block:
     ``num_slots - 1`` blocks are uploaded ahead of the one being computed (>= 1)."""
-    amp_autocast: bool = False
-    """Accepted for ZO2 compatibility; the forward runs in the storage dtype (must stay False)."""
-    debug_mode: bool = False
-    """Accepted for ZO2 compatibility; extra checks in the dual forward when True."""
-    extra: dict = field(default_factory=dict)
-    """Free-form metadata saved with checkpoints (not interpreted by the engine)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -95,7 +90,7 @@ class ZOConfig:
             raise _bad("noise", self.noise, f"one of {list(NOISE_KINDS)}")
         for name in ("lr", "eps", "weight_decay"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise _bad(name, value, "a finite number")
         if self.eps <= 0:
             raise _bad("eps", self.eps, "a number > 0 (typically 1e-3)")
@@ -118,9 +113,6 @@ class ZOConfig:
                                                     str(self.storage_dtype).replace("torch.", ""))
             if self.storage_dtype not in STORAGE_DTYPES:
                 raise _bad("storage_dtype", self.storage_dtype, f"None or one of {list(STORAGE_DTYPES)}")
-        if self.amp_autocast:
-            raise _bad("amp_autocast", self.amp_autocast,
-                       "False: zo2 runs the forward in the storage dtype; set storage_dtype instead")
 
     def offloaded_block_indices(self, num_blocks: int) -> list[int]:
         """The sorted, non-negative indices of the blocks to offload in a model with ``num_blocks``."""

@@ -62,7 +62,7 @@ def _update_chunk(chunk: torch.Tensor, offset: int, unit: Unit, update: Update, 
 def apply_updates(buffer: torch.Tensor, unit: Unit, updates: Sequence[Update], *, noise_kind: str,
                   weight_decay: float) -> None:
     """Apply ``updates`` in order, in place, to ``buffer`` (laid out like ``unit.master``)."""
-    for offset, length in noise.chunks(0, buffer.numel()):
+    for offset, length in noise.chunks(0, buffer.numel(), noise.chunk_size(buffer.device)):
         for update in updates:
             _update_chunk(buffer[offset:offset + length], offset, unit, update, noise_kind, weight_decay)
 
@@ -74,7 +74,7 @@ def update_and_perturb(buffer: torch.Tensor, unit: Unit, updates: Sequence[Updat
     One pass over the buffer: each chunk is updated and perturbed while it is hot in cache.
     """
     plus, minus = torch.empty_like(buffer), torch.empty_like(buffer)
-    for offset, length in noise.chunks(0, buffer.numel()):
+    for offset, length in noise.chunks(0, buffer.numel(), noise.chunk_size(buffer.device)):
         chunk = buffer[offset:offset + length]
         for update in updates:
             _update_chunk(chunk, offset, unit, update, noise_kind, weight_decay)
