@@ -104,3 +104,12 @@ def test_zo_eval_output_is_the_plain_model_output_with_current_weights():
     with torch.no_grad():
         expected = plain.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     assert torch.equal(output.logits, expected.logits)
+
+
+def test_engine_forward_moves_inputs_and_skips_the_kv_cache_by_default():
+    from zo2 import ZOEngine
+    engine = ZOEngine(make_model("llama"), ZOConfig(working_device="cpu"))
+    batch = make_batch()
+    output = engine.forward(input_ids=batch["input_ids"])
+    assert output.past_key_values is None
+    assert engine.forward(input_ids=batch["input_ids"], use_cache=True).past_key_values is not None

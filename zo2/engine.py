@@ -290,8 +290,15 @@ class ZOEngine:
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The model's normal forward with the current weights (pending updates applied first),
-        in eval mode and without autograd; offloaded blocks stream through the slots."""
+        in eval mode and without autograd; offloaded blocks stream through the slots.
+
+        Tensor arguments are moved to the working device; ``use_cache`` defaults to False (pass
+        ``use_cache=True`` explicitly, as ``generate`` does, to build a KV cache)."""
         self.flush()
+        args = dual.tree_map(lambda _, t: t.to(self.device), args)
+        kwargs = dual.tree_map(lambda _, t: t.to(self.device), kwargs)
+        if self._use_cache_kw:
+            kwargs.setdefault("use_cache", False)
         with self._forward_context():
             return self._forward(*args, **kwargs)
 

@@ -37,7 +37,7 @@ ROUNDING_STREAM = 1
 #: depend on the chunking; it only bounds the memory of one generation.
 CHUNK = 1 << 20
 CUDA_CHUNK = 1 << 24
-_COMPILE_MIN_COUNTERS = CHUNK // 4
+_COMPILE_MIN_COUNTERS = 1 << 14  # below this, compiled-call overhead outweighs the gain
 
 
 def chunk_size(device: torch.device | str) -> int:
@@ -80,7 +80,7 @@ def _maybe_compiled(fn: Callable, n_counters: int, device: torch.device) -> Call
             or os.environ.get("ZO2_COMPILE_NOISE", "1") == "0"):
         return fn
     if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, dynamic=False)
+        _compiled[fn] = torch.compile(fn, dynamic=True)  # one kernel for every length (chunk tails too)
     return _compiled[fn]
 
 

@@ -4,8 +4,9 @@ Each labelled text becomes a prompt (the template with ``{text}`` filled in) fol
 continuation per class (the label words), as MeZO does for SST-2 with language models:
 
 * training supervises only the tokens of the correct candidate (every other label is -100);
-* evaluation picks the candidate with the highest log-probability: one forward per example when every
-  candidate is a single token, else one forward per example and candidate.
+* evaluation picks the candidate with the highest log-probability: one sequence per example when every
+  candidate is a single token (the next-token distribution at the prompt's end scores them all), else
+  one sequence per example and candidate (the candidate's token log-probabilities are summed).
 
 Batches are right-padded, so positions need no correction; the scoring position of a row is its last
 real token. Prompts longer than ``max_length`` are cut from the left, so the end of the template (the
@@ -199,7 +200,11 @@ def training_batches(examples: Sequence[Example], batch_size: int, seed: int) ->
     """Endless batches of ``batch_size`` examples: the set is reshuffled (with ``seed``) at each epoch."""
     if not examples or batch_size < 1:
         raise TaskError(f"need examples and a batch size >= 1 (got {len(examples)} examples, {batch_size})")
-    rng, pending = random.Random(seed), []
+    return _epochs_in_batches(list(examples), batch_size, random.Random(seed))
+
+
+def _epochs_in_batches(examples: list[Example], batch_size: int, rng: random.Random) -> Iterator[list[Example]]:
+    pending: list[Example] = []
     while True:
         while len(pending) < batch_size:
             epoch = list(examples)
@@ -276,6 +281,8 @@ class EvalResult:
     """Accuracy of candidate scoring on a set of examples."""
 
     accuracy: float
+    loss: float
+    """Mean negative log-probability of the correct candidate (the training objective, held out)."""
     predicted: tuple[int, ...]
     """How many examples were assigned to each class (shows a bias toward one label word)."""
     size: int
@@ -292,13 +299,15 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 
 def candidate_scores(forward: Callable[[dict[str, torch.Tensor]], Any], encoder: PromptEncoder,
-                     examples: Sequence[Example], batch_size: int,
+                     examples: Sequence[Example], batch_size: int, *, select_logits: bool = False,
                      progress: Callable[[Iterator], Iterator] = iter) -> torch.Tensor:
     """(N, K) log-probabilities of each example's K candidates after its prompt.
 
     ``forward(batch)`` returns the model output (with ``.logits``) for a dict of CPU tensors.
     Examples are batched by prompt length to limit padding; ``progress`` may wrap the batch loop
-    (e.g. a tqdm bar).
+    (e.g. a tqdm bar). With single-token candidates and ``select_logits``, the batch carries
+    ``logits_to_keep`` (each row's last real position, shape (B, 1)) so that the model projects only
+    that position onto the vocabulary (Hugging Face models accept it; a stub or older model may not).
     """
     order = sorted(range(len(examples)), key=lambda i: len(encoder.prompt_ids(examples[i].text)))
     scores = torch.empty(len(examples), len(encoder.candidate_ids))
@@ -308,10 +317,13 @@ def candidate_scores(forward: Callable[[dict[str, torch.Tensor]], Any], encoder:
         chunk = [examples[i] for i in index]
         if encoder.single_token:
             batch = encoder.prompt_batch(chunk)
+            last = batch["attention_mask"].sum(dim=1) - 1
+            if select_logits:
+                batch["logits_to_keep"] = last.unsqueeze(1)
             logits = forward(batch).logits
-            last = (batch["attention_mask"].sum(dim=1) - 1).to(logits.device)
-            logp = torch.log_softmax(logits[torch.arange(len(chunk), device=logits.device), last].float(), dim=-1)
-            scores[index] = logp[:, first_tokens.to(logits.device)].cpu()
+            rows = torch.arange(len(chunk), device=logits.device)
+            picked = logits[:, 0] if select_logits else logits[rows, last.to(logits.device)]
+            scores[index] = torch.log_softmax(picked.float(), dim=-1)[:, first_tokens.to(logits.device)].cpu()
         else:
             batch = encoder.candidate_batch(chunk)
             scores[index] = sequence_logprobs(forward(batch).logits, batch["labels"]).view(len(chunk), -1).cpu()
@@ -319,10 +331,14 @@ def candidate_scores(forward: Callable[[dict[str, torch.Tensor]], Any], encoder:
 
 
 def evaluate(forward: Callable[[dict[str, torch.Tensor]], Any], encoder: PromptEncoder,
-             examples: Sequence[Example], batch_size: int,
+             examples: Sequence[Example], batch_size: int, *, select_logits: bool = False,
              progress: Callable[[Iterator], Iterator] = iter) -> EvalResult:
-    """Accuracy of choosing, for each example, the candidate with the highest log-probability."""
-    predictions = candidate_scores(forward, encoder, examples, batch_size, progress).argmax(dim=1)
+    """Accuracy of choosing, for each example, the candidate with the highest log-probability
+    (arguments as for :func:`candidate_scores`)."""
+    scores = candidate_scores(forward, encoder, examples, batch_size, select_logits=select_logits, progress=progress)
+    predictions = scores.argmax(dim=1)
     labels = torch.tensor([e.label for e in examples])
     counts = torch.bincount(predictions, minlength=len(encoder.candidate_ids))
-    return EvalResult(float((predictions == labels).float().mean()), tuple(counts.tolist()), len(examples))
+    loss = -scores.gather(1, labels.unsqueeze(1)).mean()
+    return EvalResult(float((predictions == labels).float().mean()), float(loss), tuple(counts.tolist()),
+                      len(examples))
