@@ -35,6 +35,7 @@ def build_model(size: str, dtype: torch.dtype, depth: int | None) -> OPTForCausa
     with torch.device("meta"):
         model = OPTForCausalLM(config)
     model = model.to_empty(device="cpu").to(dtype)
+    model.tie_weights()  # to_empty re-creates the parameters, which unties OPT's lm_head
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for param in model.parameters():
