@@ -51,3 +51,31 @@ def test_offloaded_masters_live_on_the_offloading_device_between_steps():
     assert block.offloaded and not engine.units[2].offloaded
     assert all(p.data_ptr() >= block.master.data_ptr() for p in block.params)
     assert all(p.data_ptr() < block.master.data_ptr() + block.master.nbytes for p in block.params)
+
+
+@pytest.mark.parametrize("zo2", [False, True])
+def test_a_step_interrupted_mid_walk_leaves_a_consistent_engine(zo2):
+    """An exception inside the forward (e.g. Ctrl-C in block 1) records no update; retrying the step
+    ends exactly where an uninterrupted run ends."""
+    batch = make_batch()
+    straight = ZOEngine(make_model("llama", num_hidden_layers=3), ZOConfig(working_device="cpu", zo2=zo2, lr=1e-2))
+    for _ in range(6):
+        straight.step(batch)
+    model = make_model("llama", num_hidden_layers=3)
+    engine = ZOEngine(model, ZOConfig(working_device="cpu", zo2=zo2, lr=1e-2))
+    for _ in range(3):
+        engine.step(batch)
+
+    def interrupt(module, args):
+        raise KeyboardInterrupt
+
+    handle = model.model.layers[1].register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        engine.step(batch)
+    handle.remove()
+    assert engine.step_count == 3 and len(engine.history) == 3
+    assert all(p.data_ptr() in range(u.master.data_ptr(), u.master.data_ptr() + u.master.nbytes)
+               for u in engine.units for p in u.params)
+    for _ in range(3):
+        engine.step(batch)
+    assert torch.equal(masters(engine), masters(straight))
