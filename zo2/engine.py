@@ -117,10 +117,8 @@ class ZOEngine:
                         seen.add(id(param))
                         params.append(param)
             offloaded = index in offload
-            unit = build_unit(index, name, params, device=offload_device if offloaded else self.device,
-                              dtype=cfg.torch_storage_dtype, pin=pin and offloaded)
-            unit.offloaded = offloaded
-            units.append(unit)
+            units.append(build_unit(index, name, params, device=offload_device if offloaded else self.device,
+                                    dtype=cfg.torch_storage_dtype, pin=pin and offloaded, offloaded=offloaded))
         self._move_buffers()
         on_device = sum(u.numel for u in units if not u.offloaded)
         moved = sum(u.numel for u in units if u.offloaded)

@@ -16,7 +16,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)  # units compare by identity
 class Unit:
     """One unit of the model: its parameters, their layout and the master buffer holding them."""
 
@@ -55,7 +55,7 @@ def _layout(params: list[nn.Parameter]) -> tuple[list[nn.Parameter], int]:
 
 
 def build_unit(index: int, name: str, params: list[nn.Parameter], *, device: torch.device,
-               dtype: torch.dtype | None, pin: bool) -> Unit:
+               dtype: torch.dtype | None, pin: bool, offloaded: bool) -> Unit:
     """Move ``params`` into one flat master buffer on ``device`` and point them at it.
 
     Each old tensor is released as soon as it is copied, so building units one by one never holds
@@ -69,7 +69,7 @@ def build_unit(index: int, name: str, params: list[nn.Parameter], *, device: tor
     dtype = dtype or (ordered[0].dtype if ordered else torch.float32)
     total = sum(p.numel() for p in ordered)
     master = torch.empty(total, dtype=dtype, device=device, pin_memory=pin and device.type == "cpu")
-    unit = Unit(index=index, name=name, params=ordered, master=master, offloaded=False, n_decay=n_decay)
+    unit = Unit(index=index, name=name, params=ordered, master=master, offloaded=offloaded, n_decay=n_decay)
     start = 0
     for param in ordered:
         unit.offsets.append(start)
