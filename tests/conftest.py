@@ -39,6 +39,22 @@ ARCHS: dict[str, dict] = {
     "olmo": dict(model_type="olmo", **_COMMON),
     "mixtral": dict(model_type="mixtral", num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
                     **_COMMON),
+    "stablelm": dict(model_type="stablelm", num_key_value_heads=2, **_COMMON),
+    "gptj": dict(model_type="gptj", n_embd=16, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=64, rotary_dim=4,
+                 bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    "gemma3_text": dict(model_type="gemma3_text", num_key_value_heads=1, head_dim=8, **_COMMON),
+    "qwen3_moe": dict(model_type="qwen3_moe", num_key_value_heads=1, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=16, **_COMMON),
+    "olmo2": dict(model_type="olmo2", **_COMMON),
+    "cohere": dict(model_type="cohere", num_key_value_heads=1, logit_scale=1.0, **_COMMON),
+    "granite": dict(model_type="granite", num_key_value_heads=1, **_COMMON),
+    "starcoder2": dict(model_type="starcoder2", num_key_value_heads=1, **_COMMON),
+    "smollm3": dict(model_type="smollm3", num_key_value_heads=1, **_COMMON),
+    "glm": dict(model_type="glm", num_key_value_heads=1, head_dim=8, **_COMMON),
+    "phimoe": dict(model_type="phimoe", num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, **_COMMON),
+    "gpt_bigcode": dict(model_type="gpt_bigcode", n_embd=16, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=64,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    "mpt": dict(model_type="mpt", d_model=16, n_layers=2, n_heads=2, vocab_size=VOCAB, max_seq_len=64),
 }
 CORE_ARCHS = ["opt", "gpt2", "llama", "llama-tied", "qwen2", "qwen3", "mistral", "gemma", "phi"]
 
