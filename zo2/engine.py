@@ -164,10 +164,12 @@ class ZOEngine:
         try:
             with torch.no_grad():
                 yield
-        finally:
-            self.model.train(was_training)
+        except BaseException:  # members re-point their parameters as they finish; an abort may skip that
             for unit in self.units:
                 unit.point_params_at(unit.master)
+            raise
+        finally:
+            self.model.train(was_training)
             if self._scheduler is not None:
                 self._scheduler.reset()
 
