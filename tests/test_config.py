@@ -19,6 +19,8 @@ from conftest import make_model
     ("offloading_device", "disk?", "ZOConfig.offloading_device"),
     ("storage_dtype", "int8", "ZOConfig.storage_dtype='int8' is invalid: expected None or one of"),
     ("num_slots", 0, "ZOConfig.num_slots"),
+    ("num_directions", 0, "ZOConfig.num_directions"),
+    ("num_directions", 1.5, "ZOConfig.num_directions"),
     ("seed", -3, "ZOConfig.seed"),
     ("offloading_blocks", "0,1", "ZOConfig.offloading_blocks"),
 ])

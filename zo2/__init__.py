@@ -10,11 +10,11 @@ ZO2-compatible API: ``zo_hf_init``, ``model.zo_init(cfg)``, ``model.zo_train()``
 """
 from .config import ZOConfig, ZOConfigError
 from .dual import DualForwardError
-from .engine import StepResult, ZOEngine, replay
+from .engine import Role, StepResult, ZOEngine, replay
 from .hf import attach_zo_methods, zo_hf_init
 from .models import UnsupportedModelError, find_partition
 from .optim import Update
 
-__all__ = ["ZOConfig", "ZOConfigError", "ZOEngine", "StepResult", "Update", "replay", "zo_hf_init",
+__all__ = ["ZOConfig", "ZOConfigError", "ZOEngine", "Role", "StepResult", "Update", "replay", "zo_hf_init",
            "attach_zo_methods", "find_partition", "UnsupportedModelError", "DualForwardError"]
 __version__ = "0.1.0"

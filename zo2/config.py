@@ -78,6 +78,9 @@ class ZOConfig:
     num_slots: int = 2
     """Reusable working-device buffers for offloaded blocks, each as large as the largest block:
     ``num_slots - 1`` blocks are uploaded ahead of the one being computed (>= 1)."""
+    num_directions: int = 1
+    """q-SPSA: directions z (seeds) sampled per step; each direction's update uses ``lr / q``, so a step
+    applies the mean of q projected-gradient estimates (lower variance, q dual forwards per step)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -100,8 +103,10 @@ class ZOConfig:
             raise _bad("weight_decay", self.weight_decay, "a number >= 0")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise _bad("seed", self.seed, "an integer >= 0")
-        if not isinstance(self.num_slots, int) or self.num_slots < 1:
-            raise _bad("num_slots", self.num_slots, "an integer >= 1")
+        for name in ("num_slots", "num_directions"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise _bad(name, value, "an integer >= 1")
         _check_device("working_device", self.working_device)
         _check_device("offloading_device", self.offloading_device)
         if self.offloading_blocks is not None:

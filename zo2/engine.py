@@ -4,6 +4,11 @@ One step: double the batch, run the model's own forward once (every unit compute
 under theta + eps*z and its second under theta - eps*z), take the per-half losses, and record the
 update (seed, g, lr). The update is applied to each unit the next time it is on the working device,
 fused with that step's perturbation, so an offloaded block crosses the bus once up and once down.
+
+A step is ``accumulate`` (one walk per micro-batch and direction, adding loss sums and counts) then
+``commit`` (one all-reduce of those statistics when distributed, then the updates). A ``Role`` says
+which directions and sides this process computes, which is all data, perturbation and direction
+parallelism need from the engine.
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import contextlib
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -25,21 +30,56 @@ from .models import Member, find_partition
 
 logger = logging.getLogger(__name__)
 
+SIDES = {"plus": 1, "minus": -1}
+#: Columns of the per-direction statistics: loss sum and count of the +eps side, then of the -eps side.
+STATS_COLUMNS = ("loss_sum_plus", "count_plus", "loss_sum_minus", "count_minus")
+
+
+@dataclass(frozen=True)
+class Role:
+    """What this process computes of each step, and how its statistics meet the other processes'.
+
+    A single process computes every direction on both sides. Distributed modes give each process a
+    part: data parallel (same role, a shard of the batch), perturbation parallel (one side each),
+    multi-direction (some directions each); ``all_reduce`` sums the [q, 4] float64 statistics
+    (see ``STATS_COLUMNS``) over all processes, zeros standing for what a process did not compute.
+    """
+
+    directions: tuple[int, ...] | None = None
+    """Directions (0 .. q-1) this process evaluates; ``None``: all of them."""
+    sides: tuple[str, ...] = ("plus", "minus")
+    """``("plus", "minus")`` (one batch-doubled walk), ``("plus",)`` or ``("minus",)``."""
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """Returns the elementwise sum over all processes of a float64 CPU tensor; ``None``: one process."""
+    make_scheduler: Callable[[list[Unit], SlotPool, torch.device], TransferScheduler] | None = None
+    """Builds the transfer scheduler of the offloaded units (e.g. sliced transfers); ``None``: the default."""
+
+    def __post_init__(self) -> None:
+        if not self.sides or len(set(self.sides)) != len(self.sides) or not set(self.sides) <= set(SIDES):
+            raise ValueError(f"Role.sides={self.sides!r} is invalid: expected ('plus', 'minus'), ('plus',) "
+                             "or ('minus',)")
+        if self.directions is not None and (not self.directions or any(d < 0 for d in self.directions)):
+            raise ValueError(f"Role.directions={self.directions!r} is invalid: expected None or non-empty "
+                             "direction indices >= 0")
+
 
 @dataclass(frozen=True)
 class StepResult:
     """What one ZO step measured and decided."""
 
     loss: float
-    """Loss of the +eps pass (what ZO2's ``model(...)`` returns in training mode)."""
+    """Loss of the +eps pass (what ZO2's ``model(...)`` returns in training mode); the mean over
+    directions when ``num_directions > 1``."""
     loss_minus: float
     """Loss of the -eps pass."""
     projected_grad: float
-    """g = (loss - loss_minus) / (2 eps): the directional derivative along z."""
+    """g = (loss - loss_minus) / (2 eps): the directional derivative along z (mean over directions)."""
     lr: float
     seed: int
-    """Seed of z for this step (a pure function of the config seed and the step)."""
+    """Seed of z for this step's first direction (a pure function of the config seed and the step)."""
     step: int
+    updates: tuple[Update, ...] = ()
+    """The updates recorded by this step, one per direction (``lr / q`` each)."""
 
 
 @dataclass
@@ -51,11 +91,11 @@ class _Wrapped:
 
 
 class _Walk:
-    """State of one dual forward: the perturbed buffers of the units in flight."""
+    """State of one perturbed forward: the signs it evaluates and the perturbed buffers in flight."""
 
-    def __init__(self, seed: int, half: int, specs: dict[str, dual.MemberSpec]) -> None:
-        self.seed, self.half, self.specs = seed, half, specs
-        self.views: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    def __init__(self, seed: int, signs: tuple[int, ...], half: int, specs: dict[str, dual.MemberSpec]) -> None:
+        self.seed, self.signs, self.half, self.specs = seed, signs, half, specs
+        self.views: dict[int, list[list[torch.Tensor]]] = {}
         self.readers_left: dict[int, int] = {}
 
 
@@ -64,14 +104,22 @@ class ZOEngine:
 
     ``ZOEngine(model, config)`` moves the model's parameters into flat per-unit storage (resident on
     ``config.working_device`` or offloaded to ``config.offloading_device``) and wraps its modules.
-    ``step(batch)`` performs one MeZO-SGD step; ``forward(**batch)`` runs the model normally with the
-    current weights; ``flush()`` applies pending updates; ``detach()`` hands back a plain model.
+    ``step(batch)`` performs one MeZO-SGD step (``accumulate`` + ``commit`` for gradient accumulation);
+    ``forward(**batch)`` runs the model normally with the current weights; ``flush()`` applies pending
+    updates; ``detach()`` hands back a plain model; ``state_dict()`` is what a checkpoint needs.
     """
 
     def __init__(self, model: nn.Module, config: ZOConfig, *,
-                 lr_schedule: Callable[[int], float] | None = None) -> None:
+                 lr_schedule: Callable[[int], float] | None = None, role: Role | None = None) -> None:
         config.validate()
         self.model, self.config = model, config
+        self.role = role or Role()
+        self._directions = self._check_directions(self.role, config.num_directions)
+        if self.role.all_reduce is None and (len(self.role.sides) < 2 or len(self._directions) < config.num_directions):
+            raise ValueError(f"{self.role} computes only part of each step: it needs Role.all_reduce to combine "
+                             "its losses with the processes that compute the rest (see zo2.distributed)")
+        self._signs = tuple(SIDES[side] for side in self.role.sides)
+        self._stats: torch.Tensor | None = None  # [q, 4] sums of the micro-batches of the current step
         self.lr_schedule = lr_schedule
         """Optional ``step -> lr``; ``None`` uses ``config.lr`` at every step."""
         self.history: list[Update] = []
@@ -91,10 +139,18 @@ class ZOEngine:
         self._scheduler = None
         if offloaded:
             pool = SlotPool(config.num_slots, max(u.numel for u in offloaded), offloaded[0].master.dtype, self.device)
-            self._scheduler = TransferScheduler(offloaded, pool, self.device)
+            self._scheduler = (self.role.make_scheduler or TransferScheduler)(offloaded, pool, self.device)
         logger.debug("zo2 units:\n%s", self.describe())
 
     # ----------------------------------------------------------------------------------- set-up
+    @staticmethod
+    def _check_directions(role: Role, q: int) -> tuple[int, ...]:
+        directions = tuple(range(q)) if role.directions is None else tuple(role.directions)
+        if any(d >= q for d in directions) or len(set(directions)) != len(directions):
+            raise ValueError(f"Role.directions={role.directions!r} is invalid for ZOConfig.num_directions={q}: "
+                             f"expected distinct indices in [0, {q})")
+        return directions
+
     @staticmethod
     def _accepts(fn: Callable, name: str) -> bool:
         params = inspect.signature(fn).parameters
@@ -207,21 +263,21 @@ class ZOEngine:
             self._calibration.record(entry.member.name, args, kwargs, output)
         return output
 
-    def _ready(self, unit: Unit) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The unit's parameter views under +eps and -eps for this walk; the first call of a step
-        applies the pending update fused with the new perturbation."""
+    def _ready(self, unit: Unit) -> list[list[torch.Tensor]]:
+        """The unit's parameter views under each sign of this walk; the first call of a step applies
+        the pending update fused with the new perturbation."""
         walk = self._walk
         if unit.index not in walk.views:
             updates = self.history[unit.applied:]
             buffer = self._scheduler.acquire(unit) if unit.offloaded else unit.master
-            plus, minus = update_and_perturb(buffer, unit, updates, walk.seed, self.config.eps,
-                                             noise_kind=self.config.noise, weight_decay=self.config.weight_decay)
+            perturbed = update_and_perturb(buffer, unit, updates, walk.seed, self.config.eps, signs=walk.signs,
+                                           noise_kind=self.config.noise, weight_decay=self.config.weight_decay)
             unit.applied = len(self.history)
             if unit.offloaded:
                 if updates:
                     self._scheduler.write_back(unit, buffer)
                 self._scheduler.release(unit)
-            walk.views[unit.index] = (unit.views(plus), unit.views(minus))
+            walk.views[unit.index] = [unit.views(buffer) for buffer in perturbed]
             walk.readers_left[unit.index] = self._readers[unit.index]
         return walk.views[unit.index]
 
@@ -229,18 +285,24 @@ class ZOEngine:
         walk, name = self._walk, entry.member.name
         for unit in entry.units:
             self._ready(unit)
-        spec = walk.specs.get(name, dual.MemberSpec())
-        first, second, was_split = dual.split_inputs(spec, args, kwargs, walk.half, name)
+        if len(walk.signs) == 1:  # one side: the plain forward under that side's weights
+            halves, was_split, spec = [(args, kwargs)], False, None
+        else:
+            spec = walk.specs.get(name, dual.MemberSpec())
+            first, second, was_split = dual.split_inputs(spec, args, kwargs, walk.half, name)
+            halves = [first, second]
         outputs = []
-        for sign, (half_args, half_kwargs) in enumerate((first, second)):
+        for side, (half_args, half_kwargs) in enumerate(halves):
             for param, unit, k in entry.refs:
-                param.data = walk.views[unit.index][sign][k]
+                param.data = walk.views[unit.index][side][k]
             outputs.append(entry.forward(*half_args, **half_kwargs))
         for unit in entry.units:
             unit.point_params_at(unit.master)
             walk.readers_left[unit.index] -= 1
             if walk.readers_left[unit.index] == 0:  # last reader done: free the perturbed buffers
                 del walk.views[unit.index]
+        if len(outputs) == 1:
+            return outputs[0]
         return dual.merge_outputs(spec, outputs[0], outputs[1], walk.half, was_split, name)
 
     def _calibrated(self, inputs: dict[str, Any], half: int) -> dict[str, dual.MemberSpec]:
@@ -261,32 +323,95 @@ class ZOEngine:
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     # ------------------------------------------------------------------------------ public API
-    def step(self, batch: Mapping[str, Any]) -> StepResult:
-        """One MeZO-SGD step on ``batch`` (a dict of model inputs plus ``labels`` or the task's targets).
+    def seeds(self, step: int) -> list[int]:
+        """The seeds of z for each of the ``num_directions`` directions of ``step``."""
+        q = self.config.num_directions
+        return [noise.step_seed(self.config.seed, step * q + d) for d in range(q)]
+
+    def _walk_stats(self, inputs: dict[str, Any], targets: dict[str, Any], seed: int,
+                    specs: dict[str, dual.MemberSpec] | None, half: int) -> torch.Tensor:
+        """Run one perturbed walk; return its (loss sum, count) per side in ``STATS_COLUMNS`` order."""
+        with self._forward_context():
+            self._walk = _Walk(seed, self._signs, half, specs or {})
+            try:
+                output = self._call_model(dual.double_batch(inputs, half) if specs is not None else inputs)
+            finally:
+                self._walk = None
+        outputs = losses.split_output(output, half) if specs is not None else (output,)
+        terms = [losses.loss_terms(self.model, out, targets) for out in outputs]
+        row = torch.zeros(4, dtype=torch.float64)
+        for sign, pair in zip(self._signs, torch.stack(terms).cpu()):  # one device sync per walk
+            start = 0 if sign > 0 else 2
+            row[start:start + 2] = pair
+        return row
+
+    def accumulate(self, batch: Mapping[str, Any]) -> None:
+        """Evaluate this process's directions and sides of the current step on one (micro-)batch.
+
+        ``batch`` is a dict of model inputs plus ``labels`` (or the task's targets). Every micro-batch of
+        a step sees the same weights and seeds; ``commit`` turns their summed losses into the update."""
+        inputs, targets = losses.split_targets(self.model, self._to_device(batch))
+        half = losses.batch_size(inputs)
+        specs = self._calibrated(inputs, half) if len(self._signs) == 2 else None
+        seeds = self.seeds(self.step_count)
+        stats = torch.zeros(self.config.num_directions, len(STATS_COLUMNS), dtype=torch.float64)
+        for direction in self._directions:
+            stats[direction] = self._walk_stats(inputs, targets, seeds[direction], specs, half)
+        self._stats = stats if self._stats is None else self._stats + stats
+
+    def commit(self, lr: float | None = None) -> StepResult:
+        """Finish the step: combine the accumulated losses (across processes when distributed) and
+        record one update per direction, applied to each unit when it is next used (or by ``flush``).
+
+        ``lr`` overrides the schedule for this step (a Trainer's scheduler passes it here)."""
+        if self._stats is None:
+            raise RuntimeError("commit() without accumulate(): evaluate at least one batch in this step")
+        stats, self._stats = self._stats, None
+        if self.role.all_reduce is not None:
+            stats = self.role.all_reduce(stats)
+        step, seeds = self.step_count, self.seeds(self.step_count)
+        if lr is None:
+            lr = float(self.lr_schedule(step)) if self.lr_schedule is not None else self.config.lr
+        loss_plus, loss_minus = (stats[:, 0] / stats[:, 1]).tolist(), (stats[:, 2] / stats[:, 3]).tolist()
+        grads = [(p - m) / (2 * self.config.eps) for p, m in zip(loss_plus, loss_minus)]
+        if not all(torch.isfinite(torch.tensor(grads)).tolist()):
+            raise FloatingPointError(f"step {step}: non-finite losses (+eps {loss_plus}, -eps {loss_minus}); no "
+                                     "update was recorded. Lower ZOConfig.lr or eps, or check the batch's labels")
+        q = self.config.num_directions
+        updates = tuple(Update(seed, grad, lr / q) for seed, grad in zip(seeds, grads))
+        self.history.extend(updates)
+        self.step_count += 1
+        return StepResult(sum(loss_plus) / q, sum(loss_minus) / q, sum(grads) / q, lr, seeds[0], step, updates)
+
+    def step(self, batch: Mapping[str, Any] | Sequence[Mapping[str, Any]], lr: float | None = None) -> StepResult:
+        """One MeZO-SGD step on ``batch``, or on a list of micro-batches (gradient accumulation).
 
         Returns the losses of both passes, the projected gradient, the learning rate and the seed.
         The update is recorded now and applied to each unit when it is next used (or by ``flush``).
         """
-        inputs, targets = losses.split_targets(self.model, self._to_device(batch))
-        half = losses.batch_size(inputs)
-        specs = self._calibrated(inputs, half)
-        step = self.step_count
-        seed = noise.step_seed(self.config.seed, step)
-        lr = float(self.lr_schedule(step)) if self.lr_schedule is not None else self.config.lr
-        with self._forward_context():
-            self._walk = _Walk(seed, half, specs)
-            try:
-                output = self._call_model(dual.double_batch(inputs, half))
-            finally:
-                self._walk = None
-        loss_plus, loss_minus = losses.half_losses(self.model, output, targets, half)
-        projected_grad = (loss_plus - loss_minus) / (2 * self.config.eps)
-        if not torch.isfinite(torch.tensor(projected_grad)):
-            raise FloatingPointError(f"step {step}: non-finite losses ({loss_plus}, {loss_minus}); no update was "
-                                     "recorded. Lower ZOConfig.lr or eps, or check the batch's labels")
-        self.history.append(Update(seed, projected_grad, lr))
-        self.step_count += 1
-        return StepResult(loss_plus, loss_minus, projected_grad, lr, seed, step)
+        for micro_batch in ([batch] if isinstance(batch, Mapping) else batch):
+            self.accumulate(micro_batch)
+        return self.commit(lr)
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable training state: the step count, every update and the config."""
+        return {"step_count": self.step_count, "config": self.config.to_dict(),
+                "history": [[u.seed, u.projected_grad, u.lr] for u in self.history]}
+
+    def load_state_dict(self, state: Mapping[str, Any], *, weights_updated: bool = True) -> None:
+        """Restore ``state_dict()``'s state. ``weights_updated=True``: the model's weights already hold
+        every update (a flushed checkpoint); False: they are the base weights and the history is applied
+        when each unit is next used (as ``replay`` does)."""
+        saved_noise = state.get("config", {}).get("noise", self.config.noise)
+        if saved_noise != self.config.noise:
+            raise ValueError(f"the state was trained with ZOConfig.noise={saved_noise!r}, this engine has "
+                             f"{self.config.noise!r}: the updates' z would differ")
+        self.flush()
+        self.history = [Update(int(seed), float(grad), float(lr)) for seed, grad, lr in state["history"]]
+        self.step_count = int(state["step_count"])
+        self._stats = None
+        for unit in self.units:
+            unit.applied = len(self.history) if weights_updated else 0
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The model's normal forward with the current weights (pending updates applied first),
@@ -335,7 +460,7 @@ def replay(model: nn.Module, updates: list[Update], config: ZOConfig) -> ZOEngin
     """Rebuild fine-tuned weights: ``model`` must hold the base weights and ``config`` the training
     run's storage settings; every update is applied in order, exactly as training applied it."""
     engine = ZOEngine(model, config)
-    engine.history = list(updates)
-    engine.step_count = len(engine.history)
+    engine.load_state_dict({"step_count": len(updates) // config.num_directions, "history": [[u.seed, u.projected_grad, u.lr] for u in updates]},
+                           weights_updated=False)
     engine.flush()
     return engine

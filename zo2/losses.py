@@ -62,14 +62,35 @@ def batch_size(inputs: Mapping[str, Any]) -> int:
     raise ValueError(f"cannot find the batch size: expected input_ids or inputs_embeds, got {sorted(inputs)}")
 
 
-def _half(output: Any, start: int, stop: int) -> dict:
+def _rows(output: Any, start: int, stop: int) -> dict:
     return {k: v[start:stop] if isinstance(v, torch.Tensor) and v.dim() else v for k, v in output.items()}
 
 
-def half_losses(model: nn.Module, output: Any, targets: Mapping[str, torch.Tensor], half: int) -> tuple[float, float]:
-    """The loss of the first half (+eps) and of the second half (-eps) of a doubled-batch output."""
-    _, call = _TASKS[task_of(model)]
-    fn = LOSS_MAPPING[task_of(model)]
-    plus = call(fn, model, _half(output, 0, half), targets)
-    minus = call(fn, model, _half(output, half, 2 * half), targets)
-    return tuple(torch.stack((plus.detach(), minus.detach())).tolist())  # one device sync
+def split_output(output: Any, half: int) -> tuple[dict, dict]:
+    """The +eps half (rows [0, half)) and the -eps half (rows [half, 2 half)) of a doubled-batch output."""
+    return _rows(output, 0, half), _rows(output, half, 2 * half)
+
+
+def _count(task: str, targets: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """How many terms the task's mean loss averages: target tokens, or rows."""
+    labels = targets.get("labels")
+    if task in ("ForCausalLM", "ForConditionalGeneration"):
+        return (labels[:, 1:] != -100).sum()
+    if task == "ForTokenClassification":
+        return (labels != -100).sum()
+    first = next(iter(targets.values()))
+    return torch.tensor(first.shape[0])
+
+
+def loss_terms(model: nn.Module, output: Any, targets: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """(loss sum, count) of one side's output as a float64 pair: loss = sum / count, and sums over
+    micro-batches or data-parallel shards give the loss of their union (up to float rounding).
+
+    The sum is the task's mean loss times its count: for a float32 loss and fewer than 2**29 terms the
+    product is exact in float64, so a single batch's loss comes back bit for bit."""
+    task = task_of(model)
+    _, call = _TASKS[task]
+    mean = call(LOSS_MAPPING[task], model, output, targets).detach().double()
+    count = _count(task, targets).to(mean.device, torch.float64)
+    total = torch.where(count > 0, mean * count, torch.zeros_like(mean))  # no terms: contributes nothing
+    return torch.stack((total, count))

@@ -68,12 +68,12 @@ def apply_updates(buffer: torch.Tensor, unit: Unit, updates: Sequence[Update], *
 
 
 def update_and_perturb(buffer: torch.Tensor, unit: Unit, updates: Sequence[Update], seed: int, eps: float, *,
-                       noise_kind: str, weight_decay: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply pending ``updates`` to ``buffer`` in place, then return (buffer + eps*z, buffer - eps*z).
+                       noise_kind: str, weight_decay: float, signs: Sequence[int] = (1, -1)) -> list[torch.Tensor]:
+    """Apply pending ``updates`` to ``buffer`` in place, then return ``buffer + sign*eps*z`` per sign.
 
     One pass over the buffer: each chunk is updated and perturbed while it is hot in cache.
     """
-    plus, minus = torch.empty_like(buffer), torch.empty_like(buffer)
+    perturbed = [torch.empty_like(buffer) for _ in signs]
     for offset, length in noise.chunks(0, buffer.numel(), noise.chunk_size(buffer.device)):
         chunk = buffer[offset:offset + length]
         for update in updates:
@@ -81,6 +81,6 @@ def update_and_perturb(buffer: torch.Tensor, unit: Unit, updates: Sequence[Updat
         z = noise.generate(noise_kind, seed, unit.index, offset, length, device=buffer.device)
         base = chunk.float() if chunk.dtype in _LOW_PRECISION else chunk
         z = z.to(base.dtype)
-        plus[offset:offset + length] = torch.add(base, z, alpha=eps)
-        minus[offset:offset + length] = torch.add(base, z, alpha=-eps)
-    return plus, minus
+        for out, sign in zip(perturbed, signs):
+            out[offset:offset + length] = torch.add(base, z, alpha=sign * eps)
+    return perturbed
