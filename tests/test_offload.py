@@ -34,10 +34,12 @@ def test_offloaded_equals_resident_for_task_heads(arch, head):
 
 
 @pytest.mark.parametrize("config", [dict(num_slots=1), dict(num_slots=3), dict(offloading_blocks=[1]),
-                                    dict(noise="rademacher"), dict(storage_dtype="bfloat16")])
+                                    dict(noise="rademacher"), dict(storage_dtype="bfloat16"),
+                                    dict(write_back_every=3), dict(write_back_every=4, storage_dtype="float16"),
+                                    dict(write_back_every=2, num_directions=2)])
 def test_offload_settings_do_not_change_the_result(config):
     batch = make_batch()
-    extra = {k: v for k, v in config.items() if k in ("noise", "storage_dtype")}
+    extra = {k: v for k, v in config.items() if k in ("noise", "storage_dtype", "num_directions")}
     resident, _ = _train(make_model("llama", num_hidden_layers=4), batch, zo2=False, **extra)
     offloaded, _ = _train(make_model("llama", num_hidden_layers=4), batch, zo2=True, **config)
     assert torch.equal(resident, offloaded)
@@ -79,3 +81,17 @@ def test_a_step_interrupted_mid_walk_leaves_a_consistent_engine(zo2):
     for _ in range(3):
         engine.step(batch)
     assert torch.equal(masters(engine), masters(straight))
+
+
+def test_skipped_write_backs_let_the_host_master_lag_until_due_or_flushed():
+    engine = ZOEngine(make_model("llama"), ZOConfig(working_device="cpu", lr=1e-2, write_back_every=3))
+    block = engine.units[1]
+    for _ in range(3):
+        engine.step(make_batch())
+    assert block.offloaded and block.applied == 0  # steps 1-2 replayed updates on upload, wrote nothing
+    engine.step(make_batch())
+    assert block.applied == 3  # the fourth walk carried three pending updates: due, written back
+    engine.step(make_batch())
+    assert block.applied == 3
+    engine.flush()
+    assert block.applied == len(engine.history) == 5

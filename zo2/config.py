@@ -16,6 +16,25 @@ _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "hal
                   "fp64": "float64", "double": "float64", "float": "float32"}
 
 
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(size: int | str) -> int:
+    """``"18GB"`` -> 18e9, ``"512MiB"`` -> 512 * 2**20, ``1024`` -> 1024; ValueError otherwise."""
+    if isinstance(size, bool):
+        raise ValueError(f"not a size: {size!r}")
+    if isinstance(size, int):
+        number, unit = size, ""
+    else:
+        text = str(size).strip().lower().replace(" ", "")
+        digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        number, unit = float(digits) if digits else -1.0, text[len(digits):]
+    if unit not in _UNITS or number < 0:
+        raise ValueError(f"not a size: {size!r}")
+    return int(number * _UNITS[unit])
+
+
 class ZOConfigError(ValueError):
     """A ZOConfig field holds a value that cannot work; the message names the field and the fix."""
 
@@ -78,9 +97,27 @@ class ZOConfig:
     num_slots: int = 2
     """Reusable working-device buffers for offloaded blocks, each as large as the largest block:
     ``num_slots - 1`` blocks are uploaded ahead of the one being computed (>= 1)."""
+    write_back_every: int = 1
+    """Write an offloaded block's updated master back every k steps; in between the host master lags and
+    its pending updates are replayed from their seeds on each upload (k-1 of k device-to-host copies
+    saved). ``flush`` (eval, save) always writes back. 1 writes back every step."""
+    gpu_memory_budget: int | str | None = None
+    """Working-device memory zo2 may fill with weights and their buffers (``"18GB"``, ``"512MiB"`` or
+    bytes): when ``offloading_blocks`` is None, as many blocks stay resident as fit, the rest are
+    offloaded. Activations are not included: ``zo2 plan`` estimates them for a batch shape."""
     num_directions: int = 1
     """q-SPSA: directions z (seeds) sampled per step; each direction's update uses ``lr / q``, so a step
     applies the mean of q projected-gradient estimates (lower variance, q dual forwards per step)."""
+    perturbation_parallel: int = 1
+    """Distributed (``zo2.distributed``): 2 splits each step's +eps and -eps passes over two groups of
+    ranks; 1 computes both on every rank."""
+    direction_parallel: int = 1
+    """Distributed: groups of ranks that share out the ``num_directions`` directions (must divide it)."""
+    sliced_transfers: bool = False
+    """Distributed, offloaded: the ranks of a node keep one copy of the offloaded masters in shared host
+    memory; each uploads 1/N of a block and the slices are all-gathered on the devices."""
+    distributed_timeout: float = 600.0
+    """Distributed: seconds after which a collective waiting for a dead or hung rank raises (> 0)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -103,10 +140,27 @@ class ZOConfig:
             raise _bad("weight_decay", self.weight_decay, "a number >= 0")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise _bad("seed", self.seed, "an integer >= 0")
-        for name in ("num_slots", "num_directions"):
+        for name in ("num_slots", "num_directions", "write_back_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise _bad(name, value, "an integer >= 1")
+        if self.perturbation_parallel not in (1, 2) or isinstance(self.perturbation_parallel, bool):
+            raise _bad("perturbation_parallel", self.perturbation_parallel, "1 or 2")
+        if isinstance(self.direction_parallel, bool) or not isinstance(self.direction_parallel, int) or not (
+                1 <= self.direction_parallel <= self.num_directions):
+            raise _bad("direction_parallel", self.direction_parallel,
+                       f"an integer in [1, num_directions={self.num_directions}]")
+        if not isinstance(self.sliced_transfers, bool):
+            raise _bad("sliced_transfers", self.sliced_transfers, "True or False")
+        timeout = self.distributed_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+            raise _bad("distributed_timeout", timeout, "a finite number of seconds > 0")
+        if self.gpu_memory_budget is not None:
+            try:
+                self.gpu_memory_budget = parse_bytes(self.gpu_memory_budget)
+            except ValueError:
+                raise _bad("gpu_memory_budget", self.gpu_memory_budget,
+                           "None, a number of bytes or a size such as '18GB' or '512MiB'") from None
         _check_device("working_device", self.working_device)
         _check_device("offloading_device", self.offloading_device)
         if self.offloading_blocks is not None:

@@ -272,10 +272,13 @@ class ZOEngine:
             buffer = self._scheduler.acquire(unit) if unit.offloaded else unit.master
             perturbed = update_and_perturb(buffer, unit, updates, walk.seed, self.config.eps, signs=walk.signs,
                                            noise_kind=self.config.noise, weight_decay=self.config.weight_decay)
-            unit.applied = len(self.history)
-            if unit.offloaded:
-                if updates:
+            if not unit.offloaded:
+                unit.applied = len(self.history)
+            else:
+                # the host master may lag: its pending updates are replayed on every upload until due
+                if len(updates) >= self.config.write_back_every * self.config.num_directions:
                     self._scheduler.write_back(unit, buffer)
+                    unit.applied = len(self.history)
                 self._scheduler.release(unit)
             walk.views[unit.index] = [unit.views(buffer) for buffer in perturbed]
             walk.readers_left[unit.index] = self._readers[unit.index]
