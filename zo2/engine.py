@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from . import dual, losses, noise
+from . import dual, losses, noise, plan
 from .config import ZOConfig
 from .optim import Update, apply_updates, update_and_perturb
 from .scheduler import TransferScheduler
@@ -159,19 +159,12 @@ class ZOEngine:
     def _place(self, partition) -> list[Unit]:
         """Build every unit's flat master, one unit at a time (never two copies of the model)."""
         cfg = self.config
-        unit_members = partition.unit_members()
-        offload = {i + 1 for i in cfg.offloaded_block_indices(len(partition.blocks))}
+        unit_params = self._unit_params(partition)
+        offload = {i + 1 for i in self._offloaded_blocks(unit_params)}
         offload_device = torch.device(cfg.offloading_device)
         pin = self.device.type == "cuda" and offload_device.type == "cpu"
-        seen: set[int] = set()
         units = []
-        for index, (name, members) in enumerate(unit_members):
-            params = []
-            for member in members:
-                for param in member.module.parameters():
-                    if id(param) not in seen:
-                        seen.add(id(param))
-                        params.append(param)
+        for index, (name, params) in enumerate(unit_params):
             offloaded = index in offload
             units.append(build_unit(index, name, params, device=offload_device if offloaded else self.device,
                                     dtype=cfg.torch_storage_dtype, pin=pin and offloaded, offloaded=offloaded))
@@ -182,6 +175,32 @@ class ZOEngine:
                     len(units), on_device / 1e6, self.device, moved / 1e6, offload_device,
                     len(offload), len(partition.blocks))
         return units
+
+    @staticmethod
+    def _unit_params(partition) -> list[tuple[str, list[nn.Parameter]]]:
+        """Each unit's parameters; a parameter shared by several units (tied) belongs to the first."""
+        seen: set[int] = set()
+        units = []
+        for name, members in partition.unit_members():
+            params = []
+            for member in members:
+                for param in member.module.parameters():
+                    if id(param) not in seen:
+                        seen.add(id(param))
+                        params.append(param)
+            units.append((name, params))
+        return units
+
+    def _offloaded_blocks(self, unit_params: list[tuple[str, list[nn.Parameter]]]) -> list[int]:
+        """Block indices to offload: the config's choice, or what ``gpu_memory_budget`` cannot hold."""
+        cfg, num_blocks = self.config, len(unit_params) - 2
+        if not cfg.zo2 or cfg.offloading_blocks is not None or cfg.gpu_memory_budget is None:
+            return cfg.offloaded_block_indices(num_blocks)
+        sizes = [plan.param_bytes(params, cfg.torch_storage_dtype) for _, params in unit_params]
+        resident = plan.resident_block_count(sizes[0] + sizes[-1], sizes[1:-1], cfg.gpu_memory_budget, cfg.num_slots)
+        logger.info("zo2 gpu_memory_budget %.2f GB: %d of %d blocks resident", cfg.gpu_memory_budget / 1e9,
+                    resident, num_blocks)
+        return list(range(resident, num_blocks))
 
     def _move_buffers(self) -> None:
         for module in self.model.modules():

@@ -1,0 +1,91 @@
+"""Placement under a memory budget, and the plan's predictions, before anything is allocated."""
+import pytest
+import torch
+
+from zo2 import ZOConfig, ZOEngine, ZOConfigError
+from zo2.plan import BudgetError, make_plan, meta_model, opt_config, resident_block_count, working_bytes
+from conftest import make_batch, make_model, masters
+
+
+def _unit_bytes(engine):
+    return [u.master.numel() * u.master.element_size() for u in engine.units]
+
+
+@pytest.mark.parametrize("arch", ["opt", "llama-tied", "gpt2"])
+def test_plan_predicts_the_engines_weight_bytes_exactly(arch):
+    config = ZOConfig(working_device="cpu", storage_dtype="bfloat16")
+    predicted = make_plan(make_model(arch), config, batch_size=2, seq_len=8)
+    engine = ZOEngine(make_model(arch), config)
+    sizes = _unit_bytes(engine)
+    assert predicted.weights_bytes == sum(sizes)
+    assert predicted.host_bytes == sum(sizes[1:-1]) == predicted.upload_bytes == predicted.download_bytes
+    assert predicted.resident_blocks == 0
+
+
+def test_budget_keeps_the_leading_blocks_that_fit_resident():
+    model = make_model("llama", num_hidden_layers=6)
+    probe = ZOEngine(make_model("llama", num_hidden_layers=6), ZOConfig(working_device="cpu", zo2=False))
+    sizes = _unit_bytes(probe)
+    fixed, blocks = sizes[0] + sizes[-1], sizes[1:-1]
+    budget = working_bytes(fixed, blocks[:3], blocks[3:], 2)  # three resident, three streamed, two slots
+    engine = ZOEngine(model, ZOConfig(working_device="cpu", gpu_memory_budget=budget))
+    assert [u.offloaded for u in engine.units[1:-1]] == [False] * 3 + [True] * 3
+    assert make_plan(make_model("llama", num_hidden_layers=6),
+                     ZOConfig(working_device="cpu", gpu_memory_budget=budget)).resident_blocks == 3
+    one_less = ZOEngine(make_model("llama", num_hidden_layers=6), ZOConfig(working_device="cpu", gpu_memory_budget=budget - 1))
+    assert sum(not u.offloaded for u in one_less.units[1:-1]) < 3
+    engine_all = ZOEngine(make_model("llama", num_hidden_layers=6), ZOConfig(working_device="cpu", gpu_memory_budget="1GB"))
+    assert not any(u.offloaded for u in engine_all.units)
+
+
+def test_budget_placement_trains_like_resident():
+    batch = make_batch()
+    sizes = _unit_bytes(ZOEngine(make_model("llama", num_hidden_layers=4), ZOConfig(working_device="cpu", zo2=False)))
+    budget = working_bytes(sizes[0] + sizes[-1], sizes[1:2], sizes[2:-1], 2)
+    budgeted = ZOEngine(make_model("llama", num_hidden_layers=4), ZOConfig(working_device="cpu", lr=1e-2,
+                                                                            gpu_memory_budget=budget))
+    resident = ZOEngine(make_model("llama", num_hidden_layers=4), ZOConfig(working_device="cpu", lr=1e-2, zo2=False))
+    assert any(u.offloaded for u in budgeted.units) and not all(u.offloaded for u in budgeted.units[1:-1])
+    for _ in range(3):
+        assert budgeted.step(batch) == resident.step(batch)
+    assert torch.equal(masters(budgeted), masters(resident))
+
+
+def test_too_small_a_budget_is_a_clear_error():
+    with pytest.raises(BudgetError, match="gpu_memory_budget"):
+        resident_block_count(fixed=10, blocks=[100, 100], budget=50, num_slots=2)
+    with pytest.raises(BudgetError, match="below"):
+        ZOEngine(make_model("llama"), ZOConfig(working_device="cpu", gpu_memory_budget="1KB"))
+    with pytest.raises(ZOConfigError, match="gpu_memory_budget"):
+        ZOConfig(gpu_memory_budget="lots")
+
+
+def test_plan_of_a_175b_shape_allocates_nothing():
+    model = meta_model("opt-175b", torch.float16)
+    assert all(p.is_meta for p in model.parameters())
+    plan = make_plan(model, ZOConfig(working_device="cpu"), batch_size=1, seq_len=2048)
+    assert plan.weights_bytes == pytest.approx(2 * 175e9, rel=0.02)
+    assert plan.num_blocks == 96 and plan.resident_blocks == 0
+    assert plan.transfer_floor_s > plan.compute_floor_s  # streaming 175B over PCIe is transfer-bound
+    skipping = make_plan(model, ZOConfig(working_device="cpu", write_back_every=4), batch_size=1, seq_len=2048)
+    assert skipping.download_bytes * 4 == pytest.approx(plan.download_bytes, rel=1e-6)
+    assert skipping.transfer_floor_s < plan.transfer_floor_s
+    assert "floor: step" in plan.describe()
+
+
+def test_reference_shapes_cut_in_depth():
+    assert opt_config("66b", depth=2).num_hidden_layers == 2
+    with pytest.raises(ValueError, match="unknown OPT size"):
+        opt_config("7b")
+
+
+def test_plan_command_prints_the_table_and_json(capsys):
+    from zo2.cli import main
+    assert main(["plan", "--model", "opt-1.3b", "--gpu-memory-budget", "2GB", "--write-back-every", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "blocks resident / streamed" in out and "floor: step" in out
+    assert main(["plan", "--model", "opt-125m", "--json", "--no-zo2"]) == 0
+    assert '"resident_blocks": 12' in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "--model", "opt-1.3b", "--gpu-memory-budget", "1KB"])
+    assert exit_info.value.code == 2 and "below" in capsys.readouterr().err
