@@ -1,28 +1,28 @@
-"""Tests of the default job: data loading and split, prompts and training labels, candidate scoring,
-and ``zo2 train`` end to end on a tiny LLaMA with a word-level tokenizer built here (offline, seconds)."""
+"""``zo2 finetune`` (alias ``train``) end to end on a tiny LLaMA with a word-level tokenizer built here
+(offline, seconds): summary, loss curve, checkpoints, best checkpoint, exact resume, the first-order
+baseline, YAML configs, registry/LM tasks from local files, and clear errors."""
 from __future__ import annotations
 
-import bz2
 import csv
 import json
 import random
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from zo2 import cli, tasks
-from zo2.tasks import IGNORE_INDEX, Example, PromptTask
+from zo2 import cli, finetune, tasks
+from zo2.checkpoint import load_checkpoint
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "fun"]
 NEGATIVE = ["bad", "dull", "awful", "boring", "weak", "poor"]
 FILLER = ["the", "film", "plot", "was", "a", "movie", "cast", "very"]
-TASK = PromptTask(label_names=("neg", "pos"), candidates=(" negative", " positive"))
+TASK = tasks.ColumnTask({"neg": "negative", "pos": "positive"})
 
 
 def _rows(n: int, seed: int = 0) -> list[dict]:
@@ -40,7 +40,7 @@ def tokenizer() -> PreTrainedTokenizerFast:
     word_level = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     word_level.pre_tokenizer = pre_tokenizers.Whitespace()
     corpus = POSITIVE + NEGATIVE + FILLER + [str(i) for i in range(100)] + [
-        "Review:", "Sentiment:", "positive", "negative", "neutral", "very", "not", "It", "is"]
+        "Review:", "Sentiment:", "positive", "negative", "terrible", "It", "is", "Question", "Answer", ":"]
     word_level.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[EOS]"]))
     return PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="[UNK]", pad_token="[PAD]",
                                    eos_token="[EOS]")
@@ -59,11 +59,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: PreTrainedTok
     return folder
 
 
-@pytest.fixture(scope="module")
-def tiny_model(model_dir: Path) -> LlamaForCausalLM:
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-
 @pytest.fixture
 def data_file(tmp_path: Path) -> Path:
     path = tmp_path / "reviews.jsonl"
@@ -71,228 +66,113 @@ def data_file(tmp_path: Path) -> Path:
     return path
 
 
-def _forward(model):
-    return lambda batch: model(**batch, use_cache=False)
-
-
-# ------------------------------------------------------------------------------------------ data
-@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".json", ".jsonl", ".csv.bz2"])
-def test_read_records_formats(tmp_path: Path, suffix: str) -> None:
-    rows = [{"text": "a, \"quoted\"\nline", "label": "pos"}, {"text": "b", "label": "neg"}]
-    path = tmp_path / f"data{suffix}"
-    if suffix == ".json":
-        path.write_text(json.dumps(rows))
-    elif suffix == ".jsonl":
-        path.write_text("\n".join(map(json.dumps, rows)) + "\n\n")
-    else:
-        opener = bz2.open if suffix.endswith(".bz2") else open
-        with opener(path, "wt", newline="") as stream:
-            writer = csv.DictWriter(stream, ["text", "label"], delimiter="\t" if suffix == ".tsv" else ",")
-            writer.writeheader()
-            writer.writerows(rows)
-    assert tasks.read_records(path) == rows
-
-
-def test_read_records_errors(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError):
-        tasks.read_records(tmp_path / "missing.csv")
-    (tmp_path / "data.parquet").write_text("x")
-    with pytest.raises(tasks.TaskError, match="unknown data format"):
-        tasks.read_records(tmp_path / "data.parquet")
-    (tmp_path / "data.json").write_text('{"text": "a"}')
-    with pytest.raises(tasks.TaskError, match="list of objects"):
-        tasks.read_records(tmp_path / "data.json")
-
-
-def test_make_examples_drops_and_validates() -> None:
-    records = [{"text": "a", "label": "pos"}, {"text": "b", "label": "other"}, {"text": " ", "label": "neg"},
-               {"text": "a", "label": "neg"}, {"text": "c", "label": "neg"}]
-    assert tasks.make_examples(records, TASK) == [Example("a", 1), Example("c", 0)]
-    with pytest.raises(tasks.TaskError, match=r"'txt' is not in the data; its columns are \['text', 'label'\]"):
-        tasks.make_examples(records, TASK, text_column="txt")
-    with pytest.raises(tasks.TaskError, match="no usable rows"):
-        tasks.make_examples(records, PromptTask(("x", "y"), (" x", " y")))
-
-
-def test_rotten_tomatoes_drops_plot_summaries() -> None:
-    records = tasks.read_records(tasks.rotten_tomatoes_path())
-    categories = [r["category"] for r in records]
-    assert (categories.count("fresh"), categories.count("rotten"), categories.count("plot")) == (7403, 5405, 1097)
-    examples = tasks.make_examples(records, tasks.ROTTEN_TOMATOES, "text", "category")
-    reviews = {r["text"].strip() for r in records if r["category"] != "plot"}
-    plots = {r["text"].strip() for r in records if r["category"] == "plot"}
-    texts = {e.text for e in examples}
-    assert len(examples) == len(texts) == len(reviews) and not texts & plots
-    fresh = {r["text"].strip() for r in records if r["category"] == "fresh"}
-    assert all((e.label == 1) == (e.text in fresh) for e in examples[:500])
-
-
-def test_split_is_deterministic_balanced_and_disjoint() -> None:
-    examples = [Example(f"text {i}", int(i % 3 == 0)) for i in range(300)]  # 100 of class 1, 200 of class 0
-    train, eval_set = tasks.split_examples(examples, 2, eval_size=40, train_size=100, seed=1)
-    assert (len(train), len(eval_set)) == (100, 40)
-    assert not {e.text for e in train} & {e.text for e in eval_set}
-    assert sum(e.label for e in eval_set) == 20 and sum(e.label for e in train) == 50
-    assert tasks.split_examples(examples, 2, 40, 100, seed=1) == (train, eval_set)
-    assert tasks.split_examples(examples, 2, 40, 100, seed=2)[1] != eval_set
-    train, _ = tasks.split_examples(examples, 2, eval_size=40, train_size=10_000, seed=1)
-    assert len(train) == 260
-    with pytest.raises(tasks.TaskError, match="leave none"):
-        tasks.split_examples(examples, 2, eval_size=300, train_size=1, seed=0)
-
-
-def test_training_batches_cycle_through_epochs() -> None:
-    examples = [Example(str(i), 0) for i in range(10)]
-    batches = tasks.training_batches(examples, 4, seed=0)
-    first = [next(batches) for _ in range(5)]
-    assert all(len(b) == 4 for b in first)
-    assert {e.text for b in first[:2] for e in b} | {e.text for e in first[2][:2]} == {str(i) for i in range(10)}
-    again = tasks.training_batches(examples, 4, seed=0)
-    assert [next(again) for _ in range(5)] == first
-    with pytest.raises(tasks.TaskError):
-        tasks.training_batches([], 4, seed=0)
-
-
-# -------------------------------------------------------------------------------- prompts, labels
-def test_task_validation() -> None:
-    assert TASK.prompt("nice {x}") == "Review: nice {x}\nSentiment:"
-    with pytest.raises(tasks.TaskError, match="placeholder"):
-        PromptTask(("a", "b"), (" a", " b"), template="no slot")
-    with pytest.raises(tasks.TaskError, match="one candidate per class"):
-        PromptTask(("a", "b"), (" a",))
-    with pytest.raises(tasks.TaskError, match="distinct"):
-        PromptTask(("a", "b"), (" a", " a"))
-
-
-def test_training_batch_supervises_only_the_label_word(tokenizer) -> None:
-    encoder = tasks.PromptEncoder(tokenizer, TASK, max_length=16)
-    examples = [Example("good film", 1), Example("the plot was very dull and boring", 0)]
-    batch = encoder.training_batch(examples)
-    candidate = {k: tokenizer(c, add_special_tokens=False)["input_ids"] for k, c in enumerate(TASK.candidates)}
-    for row, example in enumerate(examples):
-        length = int(batch["attention_mask"][row].sum())
-        prompt = tokenizer(TASK.prompt(example.text))["input_ids"]
-        assert batch["input_ids"][row, :length].tolist() == prompt + candidate[example.label]
-        assert batch["attention_mask"][row, :length].all() and not batch["attention_mask"][row, length:].any()
-        supervised = (batch["labels"][row] != IGNORE_INDEX).nonzero().flatten().tolist()
-        assert supervised == [length - 1]
-        assert batch["labels"][row, length - 1] == candidate[example.label][0]
-
-
-def test_long_prompts_are_cut_from_the_left(tokenizer) -> None:
-    encoder = tasks.PromptEncoder(tokenizer, PromptTask(("neg", "pos"), (" not good", " very good")), max_length=8)
-    ids = encoder.prompt_ids("the plot was a very dull boring film")
-    assert len(ids) == 6 and tokenizer.decode(ids[-2:]) == "Sentiment :"
-    batch = encoder.training_batch([Example("the plot was a very dull boring film", 1)])
-    assert batch["input_ids"].shape == (1, 8) and (batch["labels"] != IGNORE_INDEX).sum() == 2
-    with pytest.raises(tasks.TaskError, match="no room"):
-        tasks.PromptEncoder(tokenizer, TASK, max_length=1)
-    with pytest.raises(tasks.TaskError, match="identical"):
-        tasks.PromptEncoder(tokenizer, PromptTask(("a", "b"), (" zzz", " qqq")), max_length=8)  # both [UNK]
-
-
-def test_hf_loss_is_the_label_word_cross_entropy(tokenizer, tiny_model) -> None:
-    encoder = tasks.PromptEncoder(tokenizer, PromptTask(("neg", "pos"), (" not good", " positive")), 32)
-    batch = encoder.training_batch([Example("good film", 1), Example("dull", 0), Example("a very dull film", 0)])
-    with torch.no_grad():
-        output = tiny_model(**batch)
-    logprobs = tasks.sequence_logprobs(output.logits, batch["labels"])
-    supervised = int((batch["labels"] != IGNORE_INDEX).sum())
-    assert supervised == 5
-    torch.testing.assert_close(output.loss, -logprobs.sum() / supervised)
-
-
-# ------------------------------------------------------------------------------------- scoring
-def _bigram_forward(table: torch.Tensor):
-    """A stub LM whose next-token logits depend only on the current token."""
-    return lambda batch: SimpleNamespace(logits=table[batch["input_ids"]])
-
-
-def test_scoring_reads_each_rows_last_real_token(tokenizer) -> None:
-    vocab = tokenizer.get_vocab()
-    task = PromptTask(("neg", "pos"), (" negative", " positive"), template="{text}")
-    table = torch.zeros(len(vocab), len(vocab))
-    for word in POSITIVE:
-        table[vocab[word], vocab["positive"]] = 5.0
-    for word in NEGATIVE:
-        table[vocab[word], vocab["negative"]] = 5.0
-    table[vocab["[PAD]"], vocab["negative"]] = 50.0  # reading a padded position would answer "negative"
-    examples = [Example("the film was fun", 1), Example("dull", 0), Example("a great", 1), Example("poor cast bad", 0)]
-    encoder = tasks.PromptEncoder(tokenizer, task, max_length=16)
-    assert encoder.single_token
-    scores = tasks.candidate_scores(_bigram_forward(table), encoder, examples, batch_size=4)
-    assert scores.argmax(dim=1).tolist() == [1, 0, 1, 0]
-    result = tasks.evaluate(_bigram_forward(table), encoder, examples, batch_size=3)
-    assert (result.accuracy, result.predicted, result.size) == (1.0, (2, 2), 4)
-    torch.testing.assert_close(result.loss, float(-scores[torch.arange(4), torch.tensor([1, 0, 1, 0])].mean()))
-
-
-def test_multi_token_scores_sum_the_candidate_tokens(tokenizer) -> None:
-    vocab = tokenizer.get_vocab()
-    task = PromptTask(("neg", "pos"), (" not good", " very good"), template="{text}")
-    table = torch.randn(len(vocab), len(vocab), generator=torch.Generator().manual_seed(0))
-    encoder = tasks.PromptEncoder(tokenizer, task, max_length=16)
-    assert not encoder.single_token
-    examples = [Example("fun", 1), Example("the plot was dull", 0)]
-    scores = tasks.candidate_scores(_bigram_forward(table), encoder, examples, batch_size=2)
-    logp = torch.log_softmax(table, dim=-1)
-    for row, last in enumerate(["fun", "dull"]):
-        for k, first in enumerate(["not", "very"]):
-            expected = logp[vocab[last], vocab[first]] + logp[vocab[first], vocab["good"]]
-            torch.testing.assert_close(scores[row, k], expected)
-
-
-@pytest.mark.parametrize("candidates", [(" negative", " positive"), (" not good", " very good")])
-def test_padded_batches_score_like_single_examples(tokenizer, tiny_model, candidates) -> None:
-    encoder = tasks.PromptEncoder(tokenizer, PromptTask(("neg", "pos"), candidates), max_length=32)
-    examples = [Example(row["text"], int(row["label"] == "pos")) for row in _rows(7)]
-    with torch.no_grad():
-        batched = tasks.candidate_scores(_forward(tiny_model), encoder, examples, batch_size=4)
-        alone = tasks.candidate_scores(_forward(tiny_model), encoder, examples, batch_size=1)
-        selected = tasks.candidate_scores(_forward(tiny_model), encoder, examples, batch_size=4, select_logits=True)
-    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(selected, alone, atol=1e-5, rtol=1e-5)
-
-
-# --------------------------------------------------------------------------------------- the CLI
-def _train_args(model_dir: Path, data_file: Path, *extra: str) -> list[str]:
-    return ["--model", str(model_dir), "--data", str(data_file), "--label-words", "neg=negative", "pos=positive",
-            "--steps", "3", "--batch-size", "4", "--train-examples", "24", "--eval-examples", "10",
+def _args(model_dir: Path, data_file: Path, *extra: str) -> list[str]:
+    return ["--model", str(model_dir), "--train-file", str(data_file), "--label-words", "neg=negative",
+            "pos=positive", "--steps", "3", "--batch-size", "4", "--train-examples", "24", "--eval-examples", "10",
             "--lr", "1e-3", "--working-device", "cpu", *extra]
 
 
-def test_cli_end_to_end(model_dir: Path, data_file: Path, tmp_path: Path, tokenizer, capsys) -> None:
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+# ------------------------------------------------------------------------------------- outputs
+def test_finetune_end_to_end(model_dir: Path, data_file: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
-    assert cli.main(["train", *_train_args(model_dir, data_file, "--eval-every", "2", "--output-dir", str(out))]) == 0
+    assert cli.main(["finetune", *_args(model_dir, data_file, "--eval-every", "2", "--output-dir", str(out))]) == 0
     printed = capsys.readouterr().out
-    assert "accuracy before:" in printed and "steps: 3 x batch 4, lr 0.001" in printed
+    assert "accuracy before:" in printed and "steps: 3 x batch 4, lr 0.001" in printed and "peak memory" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["steps"], summary["train_examples"], summary["eval_examples"]) == (3, 24, 10)
+    assert (summary["metric"], summary["mode"], summary["kind"]) == ("accuracy", "zeroth-order", "classification")
     assert [e["step"] for e in summary["evals"]] == [0, 2, 3]
-    assert summary["accuracy_after"] == summary["evals"][-1]["accuracy"]
-    assert summary["eval_loss_after"] == summary["evals"][-1]["loss"] > 0
-    assert [h["step"] for h in summary["history"]] == [1, 2, 3]
-    assert summary["label_words"] == {"neg": " negative", "pos": " positive"}
+    assert summary["before"] == summary["evals"][0]["accuracy"] and summary["after"] == summary["evals"][-1]["accuracy"]
+    assert summary["best"]["value"] == max(e["accuracy"] for e in summary["evals"])
+    assert [h["step"] for h in summary["history"]] == [1, 2, 3] and summary["peak_memory_mib"] > 0
     assert summary["zo_config"]["lr"] == 1e-3 and summary["zo_config"]["zo2"] is False
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    trained = AutoModelForCausalLM.from_pretrained(out).eval()
+    final = out / "checkpoints" / "step-000003"
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [final.name]
+    checkpoint = load_checkpoint(final)
+    assert checkpoint.step == 3 and checkpoint.extra["history"] == summary["history"]
+    best = load_checkpoint(out / "best")
+    assert best.extra["best"] == summary["best"] and best.step == summary["best"]["step"]
+
+    trained = AutoModelForCausalLM.from_pretrained(final).eval()
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     assert not torch.equal(trained.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
-    reloaded_tokenizer = AutoTokenizer.from_pretrained(out)
     examples = tasks.make_examples(tasks.read_records(data_file), TASK)
-    _, eval_set = tasks.split_examples(examples, 2, 10, 24, seed=0)
+    _, eval_set = tasks.split_examples(examples, 10, 24, seed=0)
     with torch.no_grad():
-        result = tasks.evaluate(_forward(trained), tasks.PromptEncoder(reloaded_tokenizer, TASK, 64), eval_set, 32)
-    assert result.accuracy == summary["accuracy_after"]
-    assert result.loss == pytest.approx(summary["eval_loss_after"], rel=1e-5)
+        result = tasks.evaluate("classification", lambda b: trained(**b), tasks.PromptEncoder(
+            AutoTokenizer.from_pretrained(final), 64), eval_set, 32)
+    assert result["accuracy"] == summary["after"]
+    assert result["loss"] == pytest.approx(summary["evals"][-1]["loss"], rel=1e-5)
 
 
-def test_cli_train_is_the_default_command_and_offloads(model_dir: Path, data_file: Path, capsys) -> None:
-    assert cli.main(_train_args(model_dir, data_file, "--offload", "--steps", "1")) == 0
-    assert "steps: 1 x batch 4" in capsys.readouterr().out
+def test_resume_equals_a_straight_run(model_dir: Path, data_file: Path, tmp_path: Path) -> None:
+    common = _args(model_dir, data_file, "--save-every", "2", "--batch-size", "3", "--eval-every", "3")
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert cli.main([*common, "--steps", "5", "--output-dir", str(straight)]) == 0
+    assert cli.main([*common, "--steps", "2", "--output-dir", str(stopped)]) == 0
+    assert cli.main([*common, "--steps", "5", "--output-dir", str(stopped), "--resume"]) == 0
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (straight, stopped))
+    assert b["resumed_from"].endswith("step-000002") and a["resumed_from"] is None
+    assert a["history"] == b["history"] and len(a["history"]) == 5
+    wa, wb = _weights(straight / "checkpoints" / "step-000005"), _weights(stopped / "checkpoints" / "step-000005")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert [e["accuracy"] for e in a["evals"] if e["step"] in (3, 5)] == \
+        [e["accuracy"] for e in b["evals"] if e["step"] in (3, 5)]
 
 
-def test_cli_label_values_are_the_default_words(model_dir: Path, tmp_path: Path, capsys) -> None:
+def test_resume_refuses_other_settings(model_dir: Path, data_file: Path, tmp_path: Path, capsys) -> None:
+    out = str(tmp_path / "out")
+    assert cli.main(_args(model_dir, data_file, "--steps", "1", "--output-dir", out)) == 0
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(_args(model_dir, data_file, "--steps", "2", "--output-dir", out, "--resume", "--seed", "7"))
+    assert exit_info.value.code == 2 and "seed=0 (now 7)" in capsys.readouterr().err
+
+
+def test_first_order_baseline_within_a_time_budget(model_dir: Path, data_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "fo"
+    assert cli.main(_args(model_dir, data_file, "--first-order", "--steps", "50", "--max-seconds", "1e-9",
+                          "--output-dir", str(out))) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["mode"], summary["optimizer"], summary["steps"]) == ("first-order", "adamw", 1)
+    assert [e["step"] for e in summary["evals"]] == [0, 1] and "projected_grad" not in summary["history"][0]
+    trained, base = _weights(out / "final"), _weights(model_dir)
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
+
+
+def test_train_is_an_alias_and_the_default_command(model_dir: Path, data_file: Path, capsys) -> None:
+    assert cli.main(_args(model_dir, data_file, "--offload", "--steps", "1")) == 0
+    assert cli.main(["train", *_args(model_dir, data_file, "--steps", "1", "--num-directions", "2")]) == 0
+    assert capsys.readouterr().out.count("steps: 1 x batch 4") == 2
+
+
+# ------------------------------------------------------------------------------------ task kinds
+def test_registry_and_lm_tasks_from_local_files(model_dir: Path, tmp_path: Path) -> None:
+    sst2 = [{"sentence": r["text"], "label": int(r["label"] == "pos"), "idx": r["id"]} for r in _rows(30)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sst2[:20]))
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sst2[20:]))
+    base = ["--model", str(model_dir), "--steps", "2", "--batch-size", "2", "--working-device", "cpu"]
+    out = tmp_path / "sst2"
+    assert cli.main([*base, "--task", "sst2", "--train-file", str(tmp_path / "train.jsonl"), "--eval-file",
+                     str(tmp_path / "val.jsonl"), "--output-dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["task"], summary["train_examples"], summary["eval_examples"]) == ("sst2", 20, 10)
+
+    out = tmp_path / "lm"
+    assert cli.main([*base, "--task", "lm", "--train-file", str(tmp_path / "train.jsonl"), "--text-column",
+                     "sentence", "--eval-examples", "5", "--output-dir", str(out), "--lr", "1e-2"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["metric"], summary["kind"]) == ("loss", "lm")
+    assert summary["best"]["value"] == min(e["loss"] for e in summary["evals"])
+    assert all(e["perplexity"] == pytest.approx(2.718281828459045 ** e["loss"]) for e in summary["evals"])
+
+
+def test_label_values_are_the_default_words(model_dir: Path, tmp_path: Path, capsys) -> None:
     path = tmp_path / "data.csv"
     with open(path, "w", newline="") as stream:
         writer = csv.DictWriter(stream, ["review", "sentiment"])
@@ -305,15 +185,41 @@ def test_cli_label_values_are_the_default_words(model_dir: Path, tmp_path: Path,
     assert "accuracy before" in capsys.readouterr().out
 
 
+# ---------------------------------------------------------------------------------- YAML config
+def test_yaml_config_with_overrides(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("lr: 1e-5\nsteps: 7\nlabel-words: {neg: negative, pos: positive}\noffload: false\n"
+                      "first_order: true\noffloading_blocks: [0, -1]\ntemplate: '{text} It was'\n")
+    args = cli.parse_args(["finetune", "--config", str(config), "--steps", "9"])
+    assert (args.lr, args.steps, args.offload, args.first_order) == (1e-5, 9, False, True)
+    assert args.label_words == [("neg", "negative"), ("pos", "positive")] and args.offloading_blocks == [0, -1]
+    assert args.template == "{text} It was" and args.command == "finetune"
+    config.write_text("lr: 1e-5\nlearning_rate: 3\n")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_args(["--config", str(config)])
+    assert exit_info.value.code == 2 and "unknown key 'learning_rate'" in capsys.readouterr().err
+    config.write_text("steps: 0\n")
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--config", str(config)])
+    assert "--steps: must be an integer > 0" in capsys.readouterr().err
+    config.write_text("- lr\n")
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--config", str(config)])
+    assert "expected a mapping" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("extra, message", [
     (["--data", "missing.csv"], "data file missing.csv does not exist"),
     (["--text-column", "body"], "'body' is not in the data"),
     (["--label-words", "neg=negative", "pos=negative"], "distinct"),
     (["--eval-examples", "60"], "leave none"),
+    (["--task", "instruction"], "needs --prompt-column"),
+    (["--resume"], "--resume needs --output-dir"),
 ])
-def test_cli_reports_bad_inputs(model_dir: Path, data_file: Path, capsys, extra, message) -> None:
+def test_reports_bad_inputs(model_dir: Path, data_file: Path, capsys, extra, message) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        cli.main([*_train_args(model_dir, data_file), *extra])
+        cli.main([*_args(model_dir, data_file), *extra])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -322,32 +228,34 @@ def test_cli_reports_bad_inputs(model_dir: Path, data_file: Path, capsys, extra,
     (["--lr", "-1"], "must be a finite number > 0"),
     (["--label-words", "positive"], "expected LABEL=WORD"),
     (["--template", "no slot"], "placeholder"),
+    (["--task", "sst5"], "unknown task 'sst5'; choose one of sst2, rte"),
 ])
-def test_cli_rejects_bad_flags(capsys, extra, message) -> None:
+def test_rejects_bad_flags(capsys, extra, message) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["train", *extra])
+        cli.main(["finetune", *extra])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_cli_missing_model_folder(tmp_path: Path, data_file: Path, capsys) -> None:
+def test_missing_model_folder(tmp_path: Path, data_file: Path, capsys) -> None:
     with pytest.raises(SystemExit):
-        cli.main(_train_args(tmp_path / "nowhere", data_file))
+        cli.main(_args(tmp_path / "nowhere", data_file))
     assert "no such folder" in capsys.readouterr().err
 
 
 def test_python_dash_m_help() -> None:
-    result = subprocess.run([sys.executable, "-m", "zo2", "train", "--help"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "zo2", "finetune", "--help"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[1], timeout=120)
-    assert result.returncode == 0 and "--label-words" in result.stdout and "--offload" in result.stdout
+    assert result.returncode == 0
+    assert all(flag in result.stdout for flag in ("--config", "--task", "--resume", "--first-order", "--offload"))
 
 
-def test_embedded_model_is_loaded_from_the_cache(model_dir: Path, tmp_path: Path, monkeypatch, tokenizer,
-                                                 tiny_model) -> None:
+def test_embedded_model_is_loaded_from_the_cache(model_dir: Path, tmp_path: Path, monkeypatch, tokenizer) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    target = cli.cache_dir() / cli.EMBEDDED_MODEL
-    assert target == tmp_path / "zo2" / cli.EMBEDDED_MODEL
-    cli._save_atomically(tiny_model, tokenizer, target)
-    cli._save_atomically(tiny_model, tokenizer, target)  # a second writer loses the race quietly
-    assert [p.name for p in target.parent.iterdir()] == [cli.EMBEDDED_MODEL]
-    loaded_tokenizer, model = cli.load_embedded_model(torch.float32)
-    assert model.config.hidden_size == 32 and loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
+    target = finetune.cache_dir() / finetune.EMBEDDED_MODEL
+    assert target == tmp_path / "zo2" / finetune.EMBEDDED_MODEL
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    finetune.save_atomically(model, tokenizer, target)
+    finetune.save_atomically(model, tokenizer, target)  # a second writer loses the race quietly
+    assert [p.name for p in target.parent.iterdir()] == [finetune.EMBEDDED_MODEL]
+    loaded_tokenizer, loaded = finetune.load_embedded_model(torch.float32)
+    assert loaded.config.hidden_size == 32 and loaded_tokenizer.get_vocab() == tokenizer.get_vocab()

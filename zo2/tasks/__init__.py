@@ -1,0 +1,25 @@
+"""Tasks for fine-tuning a causal LM: data loading, the MeZO task suite's prompt templates, batches with
+supervised continuations, and evaluation (candidate scoring, greedy answers, held-out loss).
+
+* :mod:`.data`: local files (CSV/TSV/JSON/JSONL/parquet), Hugging Face datasets by name, splits and the
+  training batch order (a pure function of seed and step, so resumed runs see the same batches).
+* :mod:`.registry`: :class:`Example`, the task registry :data:`TASKS` (SST-2, RTE, CB, BoolQ, WSC, WiC,
+  MultiRC, COPA, ReCoRD, SQuAD, DROP) and tasks over any columns (:class:`ColumnTask`, :class:`TextTask`).
+* :mod:`.encoding`: :class:`PromptEncoder` (right-padded batches, only the continuation supervised).
+* :mod:`.scoring`: :func:`evaluate` and the metrics.
+"""
+from .data import (FORMATS, TaskError, batch_indices, check_columns, distinct_labels, load_hub_split,
+                   package_data_file, read_records, rotten_tomatoes_path, split_examples, subsample, training_batch)
+from .encoding import IGNORE_INDEX, PromptEncoder, make_examples
+from .registry import TASKS, ColumnTask, Example, TaskSpec, TextTask, get_task
+from .scoring import (EvalResult, answer_f1, candidate_scores, evaluate, greedy_answers, normalize_answer,
+                      token_logprobs)
+
+ROTTEN_TOMATOES = ColumnTask(label_words={"rotten": "negative", "fresh": "positive"}, label_column="category")
+"""The embedded default task: Rotten Tomatoes critic snippets, rotten -> " negative", fresh -> " positive"."""
+
+__all__ = ["FORMATS", "TaskError", "batch_indices", "check_columns", "distinct_labels", "load_hub_split",
+           "package_data_file", "read_records", "rotten_tomatoes_path", "split_examples", "subsample",
+           "training_batch", "IGNORE_INDEX", "PromptEncoder", "make_examples", "TASKS", "ColumnTask", "Example",
+           "TaskSpec", "TextTask", "get_task", "EvalResult", "answer_f1", "candidate_scores", "evaluate",
+           "greedy_answers", "normalize_answer", "token_logprobs", "ROTTEN_TOMATOES"]
