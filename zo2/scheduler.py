@@ -60,7 +60,7 @@ class TransferScheduler:
         slot = self._free_slot()
         buffer = self.pool.buffers[slot][:unit.numel]
         if not self.cuda:
-            buffer.copy_(unit.master)
+            self._copy_in(unit, buffer)
             self._inflight[unit.index] = _Upload(slot, None)
             return
         with torch.cuda.stream(self.upload_stream):
@@ -68,8 +68,16 @@ class TransferScheduler:
                 self.upload_stream.wait_event(event)
             if unit.index in self._host_ready:
                 self.upload_stream.wait_event(self._host_ready.pop(unit.index))
-            buffer.copy_(unit.master, non_blocking=True)
+            self._copy_in(unit, buffer)
             self._inflight[unit.index] = _Upload(slot, self._event(self.upload_stream))
+
+    def _copy_in(self, unit: Unit, buffer: torch.Tensor) -> None:
+        """Fill ``buffer`` (a slot) with the unit's master; on CUDA this runs on the upload stream."""
+        buffer.copy_(unit.master, non_blocking=self.cuda)
+
+    def _copy_out(self, unit: Unit, buffer: torch.Tensor) -> None:
+        """Copy ``buffer`` back into the unit's master; on CUDA this runs on the offload stream."""
+        unit.master.copy_(buffer, non_blocking=self.cuda)
 
     def _prefetch(self) -> None:
         while self._next < len(self.order) and len(self._inflight) < len(self.pool) - 1:
@@ -98,12 +106,12 @@ class TransferScheduler:
     def write_back(self, unit: Unit, buffer: torch.Tensor) -> None:
         """Copy ``buffer`` (the unit's updated weights) back to its master once compute reaches here."""
         if not self.cuda:
-            unit.master.copy_(buffer)
+            self._copy_out(unit, buffer)
             return
         ready = self._event()
         with torch.cuda.stream(self.offload_stream):
             self.offload_stream.wait_event(ready)
-            unit.master.copy_(buffer, non_blocking=True)
+            self._copy_out(unit, buffer)
             done = self._event(self.offload_stream)
         self._host_ready[unit.index] = done
         self._slot_free[self._inflight[unit.index].slot] = [done]
