@@ -16,5 +16,14 @@ from .models import UnsupportedModelError, find_partition
 from .optim import Update
 
 __all__ = ["ZOConfig", "ZOConfigError", "ZOEngine", "Role", "StepResult", "Update", "replay", "zo_hf_init",
-           "attach_zo_methods", "find_partition", "UnsupportedModelError", "DualForwardError"]
+           "attach_zo_methods", "find_partition", "UnsupportedModelError", "DualForwardError",
+           "ZOTrainer", "ZOSFTTrainer"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``zo2.ZOTrainer`` / ``zo2.ZOSFTTrainer`` load transformers.Trainer / trl only when first used."""
+    if name in ("ZOTrainer", "ZOSFTTrainer"):
+        from . import trainer
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'zo2' has no attribute {name!r}")

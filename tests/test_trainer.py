@@ -1,0 +1,148 @@
+"""ZOTrainer (transformers.Trainer) and ZOSFTTrainer (TRL) train with ZO steps: the loss falls, lr
+schedules drive the updates, gradient accumulation equals one big batch, data parallel under torchrun
+equals one process, saving writes safetensors plus the engine state, and bad options are refused."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from zo2 import ZOConfig, ZOTrainer, attach_zo_methods
+from zo2.checkpoint import MANIFEST_NAME, SEED_LOG_NAME, load_checkpoint, replay_seed_log
+from conftest import make_model
+from trainer_worker import build_trainer, dataset, train_losses, training_args, weights
+
+WORKER = Path(__file__).with_name("trainer_worker.py")
+
+
+def test_trainer_trains_evaluates_and_logs(tmp_path):
+    trainer = build_trainer(tmp_path, max_steps=24, learning_rate=2e-2, warmup_steps=3)
+    trainer.eval_dataset = dataset(16)  # the training rows: the loss on them must fall
+    before = trainer.evaluate()["eval_loss"]
+    result = trainer.train()
+    after = trainer.evaluate()["eval_loss"]
+    assert after < before - 0.05, (before, after)
+    assert result.global_step == 24 and trainer.zo_engine.step_count == 24
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 24 and {"projected_grad", "loss_minus", "tokens_per_second", "learning_rate"} <= set(logs[0])
+    assert "grad_norm" not in logs[0]
+    # Trainer's scheduler drives every update's lr: linear warmup over 3 steps, then linear decay to 0.
+    lrs = [update.lr for update in trainer.zo_engine.history]
+    assert lrs == [log["learning_rate"] for log in logs]
+    assert lrs[:4] == pytest.approx([0.0, 2e-2 / 3, 2 * 2e-2 / 3, 2e-2])
+    assert all(a > b for a, b in zip(lrs[3:], lrs[4:]))
+    assert result.training_loss == pytest.approx(sum(log["loss"] for log in logs) / 24)
+
+
+def test_gradient_accumulation_equals_one_batch_of_k_times_the_size(tmp_path):
+    accumulated = build_trainer(tmp_path / "a", max_steps=3, per_device_train_batch_size=2,
+                                gradient_accumulation_steps=2)
+    accumulated.train()
+    whole = build_trainer(tmp_path / "b", max_steps=3, per_device_train_batch_size=4)
+    whole.train()
+    assert [u.seed for u in accumulated.zo_engine.history] == [u.seed for u in whole.zo_engine.history]
+    for (step, (loss_a, grad_a, lr_a)), (_, (loss_b, grad_b, lr_b)) in zip(
+            sorted(train_losses(accumulated).items()), sorted(train_losses(whole).items())):
+        assert loss_a == pytest.approx(loss_b, rel=1e-5) and lr_a == lr_b
+        assert grad_a == pytest.approx(grad_b, rel=1e-3, abs=1e-3)
+    # Not bitwise: float32 forwards over 2 and 4 rows round differently, and g = dL / (2 eps) scales
+    # that by 500; the weights still agree to ~1e-4 of the size of the updates (~1e-2).
+    torch.testing.assert_close(weights(accumulated), weights(whole), rtol=0, atol=2e-5)
+
+
+def test_two_processes_with_batch_b_end_where_one_process_with_batch_2b_ends(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", str(WORKER), "dp",
+                    str(tmp_path / "dp.pt"), "3", "2"], check=True, env=env, cwd=tmp_path, timeout=300)
+    parallel = torch.load(tmp_path / "dp.pt")
+    single = build_trainer(tmp_path / "single", data_size=4, max_steps=3, per_device_train_batch_size=4,
+                           lr_scheduler_type="constant", warmup_steps=0)
+    single.train()
+    # Equal up to float32 rounding of the per-shard loss sums, which g = dL / (2 eps) scales by 500.
+    for step, (loss, grad, lr) in train_losses(single).items():
+        assert parallel["losses"][step][0] == pytest.approx(loss, rel=1e-5)
+        assert parallel["losses"][step][1] == pytest.approx(grad, abs=2e-3)
+        assert parallel["losses"][step][2] == lr
+    torch.testing.assert_close(parallel["weights"], weights(single), rtol=0, atol=2e-5)
+
+
+def test_checkpoints_hold_safetensors_engine_state_and_a_replayable_seed_log(tmp_path):
+    trainer = build_trainer(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, save_total_limit=1)
+    trainer.train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-4"]  # rotated after completion
+    checkpoint = load_checkpoint(tmp_path / "checkpoint-4")  # the manifest verifies every file
+    assert checkpoint.step == 4 and checkpoint.extra == {"global_step": 4}
+    files = {p.name for p in checkpoint.path.iterdir()}
+    assert {"model.safetensors", "config.json", "optimizer.pt", "scheduler.pt", "trainer_state.json",
+            MANIFEST_NAME, SEED_LOG_NAME} <= files
+    rebuilt = replay_seed_log(make_model("llama"), checkpoint.path / SEED_LOG_NAME)
+    trained = dict(trainer.model.named_parameters())
+    for name, param in rebuilt.named_parameters():
+        assert torch.equal(param, trained[name]), name
+
+
+def test_zo2_compatible_model_with_zo_init_trains(tmp_path):
+    model = make_model("gpt2")
+    attach_zo_methods(model).zo_init(ZOConfig(working_device="cpu", eps=1e-3, seed=2))
+    trainer = ZOTrainer(model, args=training_args(tmp_path, max_steps=2), train_dataset=dataset(8))
+    trainer.train()
+    assert trainer.zo_engine is model.zo_engine and model.zo_engine.step_count == 2
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(optim="adafactor"), "optim='adafactor'.*first-order"),
+    (dict(optim="sgd"), "optim='sgd'"),
+    (dict(torch_compile=True), "torch_compile"),
+    (dict(weight_decay=0.1), "ZOConfig.weight_decay"),
+    (dict(label_smoothing_factor=0.1), "label_smoothing_factor"),
+    (dict(neftune_noise_alpha=5.0), "neftune_noise_alpha"),
+])
+def test_options_that_cannot_apply_raise_clear_errors(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        build_trainer(tmp_path, **overrides)
+
+
+def test_optimizers_and_missing_config_are_refused(tmp_path):
+    model = make_model("llama")
+    with pytest.raises(ValueError, match="does not take optimizer"):
+        ZOTrainer(model, args=training_args(tmp_path), train_dataset=dataset(4), zo_config=ZOConfig(working_device="cpu"),
+                  optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
+    with pytest.raises(ValueError, match="needs zo_config"):
+        ZOTrainer(make_model("llama"), args=training_args(tmp_path), train_dataset=dataset(4))
+
+
+def test_options_without_effect_are_turned_off(tmp_path):
+    trainer = build_trainer(tmp_path, max_grad_norm=0.5, gradient_checkpointing=True)
+    assert trainer.args.max_grad_norm == 0 and not trainer.args.gradient_checkpointing
+
+
+def test_sft_trainer_trains_on_a_tiny_text_dataset(tmp_path):
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from trl import SFTConfig
+    from zo2 import ZOSFTTrainer
+
+    words = ["<pad>", "<s>", "</s>", *"the cat sat on a mat dog ran far away and".split()]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>")
+    texts = ["the cat sat on a mat", "the dog ran far away", "a cat and a dog sat", "the mat ran away"] * 2
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                     logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", max_length=16,
+                     disable_tqdm=True)
+    trainer = ZOSFTTrainer(make_model("llama"), args=args, train_dataset=Dataset.from_dict({"text": texts}),
+                           processing_class=tokenizer, zo_config=ZOConfig(working_device="cpu", seed=4))
+    result = trainer.train()
+    assert result.global_step == 3 and trainer.zo_engine.step_count == 3
+    assert all(torch.isfinite(torch.tensor(log["loss"])) for log in trainer.state.log_history if "loss" in log)
+    assert "eval_loss" in trainer.evaluate(Dataset.from_dict({"text": texts[:4]}))
+    with pytest.raises(ValueError, match="padding_free=False"):
+        ZOSFTTrainer(make_model("llama"), args=SFTConfig(output_dir=str(tmp_path), padding_free=True, max_length=None,
+                                                         report_to=[], use_cpu=True), train_dataset=Dataset.from_dict({"text": texts}),
+                     processing_class=tokenizer, zo_config=ZOConfig(working_device="cpu"))
