@@ -125,7 +125,7 @@ def _column_task(args: argparse.Namespace, records: list[dict], embedded: bool) 
         dict(tasks.ROTTEN_TOMATOES.label_words) if embedded else
         {value: value for value in tasks.distinct_labels(records, label_column)})
     return tasks.ColumnTask(label_words=words, template=args.template, text_column=args.text_column or "text",
-                            label_column=label_column)
+                            label_column=label_column, name="rotten_tomatoes" if embedded else "text-classification")
 
 
 def load_data(args: argparse.Namespace) -> Data:

@@ -15,7 +15,8 @@ from .registry import TASKS, ColumnTask, Example, TaskSpec, TextTask, get_task
 from .scoring import (EvalResult, answer_f1, candidate_scores, evaluate, greedy_answers, normalize_answer,
                       token_logprobs)
 
-ROTTEN_TOMATOES = ColumnTask(label_words={"rotten": "negative", "fresh": "positive"}, label_column="category")
+ROTTEN_TOMATOES = ColumnTask(label_words={"rotten": "negative", "fresh": "positive"}, label_column="category",
+                             name="rotten_tomatoes")
 """The embedded default task: Rotten Tomatoes critic snippets, rotten -> " negative", fresh -> " positive"."""
 
 __all__ = ["FORMATS", "TaskError", "batch_indices", "check_columns", "distinct_labels", "load_hub_split",
