@@ -311,6 +311,8 @@ def add_replay_command(commands: Any) -> None:
                         "in a checkpoint, or a file written by save_seed_log)")
     parser.add_argument("--output", required=True, metavar="DIR", help="where to save the rebuilt model")
     parser.add_argument("--working-device", help="device to replay on (default: the training run's, if present)")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="logging level (default: %(default)s)")
     parser.set_defaults(handler=run_replay)
 
 
