@@ -6,7 +6,8 @@
 z is regenerated from its seed chunk by chunk (never stored). Every function here is elementwise
 and processes chunks at absolute offsets, so training, flushing and replaying an update history
 produce the same bits. Masters in bf16/fp16 take updates with stochastic rounding, so updates far
-below one ulp survive in expectation.
+below one ulp survive in expectation. On CUDA the same two functions run one fused Triton kernel
+per call (:mod:`zo2.kernels`; ``ZO2_KERNELS=torch`` keeps this torch path).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from . import noise
+from . import kernels, noise
 from .storage import Unit
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -62,6 +63,9 @@ def _update_chunk(chunk: torch.Tensor, offset: int, unit: Unit, update: Update, 
 def apply_updates(buffer: torch.Tensor, unit: Unit, updates: Sequence[Update], *, noise_kind: str,
                   weight_decay: float) -> None:
     """Apply ``updates`` in order, in place, to ``buffer`` (laid out like ``unit.master``)."""
+    if kernels.use_triton(buffer):
+        kernels.apply_updates(buffer, unit, updates, noise_kind=noise_kind, weight_decay=weight_decay)
+        return
     for offset, length in noise.chunks(0, buffer.numel(), noise.chunk_size(buffer.device)):
         for update in updates:
             _update_chunk(buffer[offset:offset + length], offset, unit, update, noise_kind, weight_decay)
@@ -73,6 +77,9 @@ def update_and_perturb(buffer: torch.Tensor, unit: Unit, updates: Sequence[Updat
 
     One pass over the buffer: each chunk is updated and perturbed while it is hot in cache.
     """
+    if kernels.use_triton(buffer):
+        return kernels.update_and_perturb(buffer, unit, updates, seed, eps, noise_kind=noise_kind,
+                                          weight_decay=weight_decay, signs=signs)
     perturbed = [torch.empty_like(buffer) for _ in signs]
     for offset, length in noise.chunks(0, buffer.numel(), noise.chunk_size(buffer.device)):
         chunk = buffer[offset:offset + length]

@@ -1,0 +1,155 @@
+"""The fused Triton kernel computes what the torch path computes: same z, same updates, same bits.
+
+Without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set before the
+kernels are first imported) on CPU tensors, at a few thousand elements; with one they run compiled
+on CUDA and are checked against the torch path on the CPU. Skipped when triton is not installed.
+"""
+import pytest
+import torch
+
+from zo2 import Update, ZOConfig, ZOEngine, kernels, noise, optim
+from zo2.storage import Unit
+from conftest import make_batch, make_model, masters
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(not kernels.triton_available(), reason="triton is not installed")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+UPDATES = [Update(11, 0.7, 1e-2), Update(2**63 + 5, -3.0, 3e-3), Update(noise.step_seed(0, 9), 1e-3, 1e-4)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _interpreted_on_cpu():
+    """Kernels are built on first use; on CPU they must be built by the interpreter."""
+    with pytest.MonkeyPatch.context() as patch:
+        if DEVICE == "cpu":
+            patch.setenv("TRITON_INTERPRET", "1")
+        if kernels.triton_available():
+            kernels.generate("uniform", 0, 0, 0, 1, device=DEVICE)
+        yield
+
+
+def _buffer(n: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype)
+
+
+def _unit(buffer: torch.Tensor, n_decay: int, index: int = 2) -> Unit:
+    return Unit(index=index, name="unit", params=[], master=buffer, offloaded=False, n_decay=n_decay)
+
+
+def _within_one_step(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Every element equal, or the next representable value of ``expected`` toward ``actual``."""
+    return torch.equal(torch.where(actual == expected, expected, torch.nextafter(expected, actual)), actual)
+
+
+@needs_triton
+@pytest.mark.parametrize("kind,stream", [("rademacher", 0), ("uniform", noise.ROUNDING_STREAM), ("gaussian", 0)])
+@pytest.mark.parametrize("seed,unit,start,count", [(7, 0, 0, 1000), (2**63 + 3, 5, 1030, 2500), (123, 1, 3, 129)])
+def test_kernel_noise_is_zo2_noise(kind, stream, seed, unit, start, count):
+    """Same counters: Rademacher signs and uniforms bit for bit, Gaussians within float32 rounding."""
+    expected = noise.generate(kind, seed, unit, start, count, stream=stream)
+    actual = kernels.generate(kind, seed, unit, start, count, stream=stream, device=DEVICE).cpu()
+    if kind == "gaussian":  # log/cos/sin differ in the last bits between implementations
+        torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(actual, expected)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("n,n_decay,signs", [(3001, 1499, (1, -1)), (2048, 2048, (-1,)), (700, 0, (-1, 1))])
+def test_update_and_perturb_matches_the_torch_path(dtype, kind, n, n_decay, signs):
+    """Three pending updates (weight decay on a prefix, stochastic rounding in 16 bits), then the
+    perturbed copies; sizes off multiples of 4 and of the kernel's block."""
+    reference = _buffer(n, dtype)
+    fused = reference.to(DEVICE, copy=True)
+    kwargs = dict(noise_kind=kind, weight_decay=0.1, signs=signs)
+    expected = optim.update_and_perturb(reference, _unit(reference, n_decay), UPDATES, 77, 1e-3, **kwargs)
+    actual = kernels.update_and_perturb(fused, _unit(fused, n_decay), UPDATES, 77, 1e-3, **kwargs)
+    assert len(actual) == len(signs)
+    for got, want in zip([fused, *actual], [reference, *expected]):
+        got = got.cpu()
+        if kind == "rademacher":
+            assert torch.equal(got, want)
+        elif dtype == torch.float32:
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        else:  # a z a few ulps off can flip a rounding: at most to the adjacent value
+            assert _within_one_step(got, want)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_updates_matches_the_torch_path(dtype):
+    reference = _buffer(1500, dtype)
+    fused = reference.to(DEVICE, copy=True)
+    optim.apply_updates(reference, _unit(reference, 600), UPDATES, noise_kind="rademacher", weight_decay=0.05)
+    kernels.apply_updates(fused, _unit(fused, 600), UPDATES, noise_kind="rademacher", weight_decay=0.05)
+    assert torch.equal(fused.cpu(), reference)
+    assert not torch.equal(reference, _buffer(1500, dtype))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,update", [(torch.bfloat16, 1e-3), (torch.float16, 1.2e-4)])
+def test_stochastic_rounding_keeps_tiny_updates_in_expectation(dtype, update):
+    """An update of about a quarter ulp: each element rounds up or down at random, and the mean over
+    many elements moves by the float32 update, where round-to-nearest would not move at all."""
+    n = 8192
+    buffer = torch.ones(n, dtype=dtype, device=DEVICE)
+    step = Update(seed=5, projected_grad=1.0, lr=update)
+    kernels.apply_updates(buffer, _unit(buffer, 0), [step], noise_kind="rademacher", weight_decay=0.0)
+    z = noise.generate("rademacher", step.seed, 2, 0, n)
+    exact = 1.0 - update * z  # the float32 update
+    assert torch.equal(exact.to(dtype), torch.ones(n, dtype=dtype))  # round-to-nearest loses it
+    moved = buffer.cpu().float()
+    assert len(moved.unique()) == 3  # 1.0 and its neighbours below and above
+    for sign in (1.0, -1.0):
+        group = z == sign
+        assert moved[group].mean().item() == pytest.approx(1.0 - update * sign, abs=update / 10)
+
+
+@needs_triton
+def test_engine_steps_through_the_kernel_as_through_the_torch_path(monkeypatch):
+    """ZO2_KERNELS switches optim's update_and_perturb/apply_updates; training gives the same bits."""
+    def train(choice: str) -> tuple[torch.Tensor, list[float]]:
+        monkeypatch.setenv(kernels.SWITCH, choice)
+        config = ZOConfig(working_device=DEVICE, lr=1e-2, noise="rademacher", storage_dtype="bfloat16",
+                          weight_decay=0.05)
+        engine = ZOEngine(make_model("llama"), config)
+        losses = [engine.step(make_batch()).loss for _ in range(2)]  # step 2 applies step 1 fused; flush the last
+        return masters(engine), losses
+
+    fused_weights, fused_losses = train("triton" if DEVICE == "cpu" else "auto")
+    torch_weights, torch_losses = train("torch")
+    assert fused_losses == torch_losses
+    assert torch.equal(fused_weights, torch_weights)
+
+
+@needs_triton
+def test_optim_dispatches_to_the_kernel_under_the_switch(monkeypatch):
+    """The kernel refuses float64 buffers, the torch path takes them: the error shows who ran."""
+    buffer = torch.zeros(256, dtype=torch.float64)
+    monkeypatch.setenv(kernels.SWITCH, "torch")
+    optim.apply_updates(buffer, _unit(buffer, 0), UPDATES, noise_kind="gaussian", weight_decay=0.0)
+    monkeypatch.setenv(kernels.SWITCH, "triton")
+    with pytest.raises(ValueError, match="ZO2_KERNELS=torch for other dtypes"):
+        optim.apply_updates(buffer, _unit(buffer, 0), UPDATES, noise_kind="gaussian", weight_decay=0.0)
+
+
+def test_the_switch_picks_the_path(monkeypatch):
+    cpu = torch.zeros(4)
+    for choice, expected in (("torch", False), ("auto", False)):
+        monkeypatch.setenv(kernels.SWITCH, choice)
+        assert kernels.use_triton(cpu) is expected
+    monkeypatch.setenv(kernels.SWITCH, "cuda")
+    with pytest.raises(ValueError, match="ZO2_KERNELS='cuda'.*'auto', 'torch', 'triton'"):
+        kernels.use_triton(cpu)
+
+
+@needs_triton
+def test_bad_requests_are_refused():
+    buffer = torch.zeros(8, device=DEVICE)
+    with pytest.raises(ValueError, match="signs must be distinct values of"):
+        kernels.update_and_perturb(buffer, _unit(buffer, 0), [], 1, 1e-3, noise_kind="gaussian", weight_decay=0.0,
+                                   signs=(2,))
+    with pytest.raises(ValueError, match="noise_kind must be 'gaussian' or 'rademacher'"):
+        kernels.apply_updates(buffer, _unit(buffer, 0), UPDATES, noise_kind="uniform", weight_decay=0.0)

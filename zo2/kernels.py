@@ -1,0 +1,140 @@
+"""Fused Triton kernels for the noise hot path, and the switch that picks them.
+
+One launch per unit applies the pending updates to the buffer in place (weight decay on
+[0, n_decay), stochastic rounding for bf16/fp16 buffers) and writes buffer + eps*z and/or
+buffer - eps*z of the new seed; z is generated in registers from :mod:`zo2.noise`'s counter
+layout and never stored. Semantics are those of :func:`zo2.optim.update_and_perturb`.
+
+Where it runs, by the environment variable ``ZO2_KERNELS``:
+
+* ``auto`` (default): Triton for CUDA buffers when triton imports, the torch path otherwise;
+* ``torch``: always the torch path (to compare on a GPU);
+* ``triton``: always Triton, CPU buffers included (that needs ``TRITON_INTERPRET=1`` set before
+  triton is first imported: how the tests run these kernels without a GPU).
+
+triton is imported on first use only, so importing zo2 never imports it.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from types import ModuleType
+from typing import Sequence
+
+import torch
+
+from . import noise
+from .storage import Unit
+
+SWITCH = "ZO2_KERNELS"
+CHOICES = ("auto", "torch", "triton")
+#: Elements per Triton program; a multiple of 128 (one Philox counter covers 128 Rademacher signs).
+BLOCK = 1024
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def choice() -> str:
+    """The value of ``ZO2_KERNELS`` ("auto" when unset), validated."""
+    value = os.environ.get(SWITCH, "auto").strip().lower() or "auto"
+    if value not in CHOICES:
+        raise ValueError(f"{SWITCH}={value!r} is not a kernel choice; expected one of {list(CHOICES)}")
+    return value
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether triton can be imported (without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(buffer: torch.Tensor) -> bool:
+    """Whether the update/perturbation of ``buffer`` runs the Triton kernel under the current switch."""
+    picked = choice()
+    if picked == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{SWITCH}=triton but triton is not installed: pip install 'zo2[gpu]'")
+        return True
+    return picked == "auto" and buffer.is_cuda and buffer.dtype in DTYPES and triton_available()
+
+
+@functools.cache
+def _triton() -> ModuleType:
+    from . import _triton_noise  # imports triton: deferred so TRITON_INTERPRET can be set first
+
+    return _triton_noise
+
+
+def _as_int64(seed: int) -> int:
+    """A 64-bit seed as the int64 with the same bits (Philox keys on the bit pattern)."""
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
+@functools.lru_cache(maxsize=16)
+def _parameters(updates: tuple, seed: int | None, weight_decay: float,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kernel inputs for a list of updates, cached: every unit of a step shares them (one tiny copy a step).
+
+    Scalars are rounded to float32 exactly as torch rounds a Python scalar for a float32 ``mul_``/``add_``."""
+    seeds = [_as_int64(u.seed) for u in updates] + ([_as_int64(seed)] if seed is not None else [])
+    seeds_t = torch.tensor(seeds or [0], dtype=torch.int64)
+    coefs = torch.tensor([-u.lr * u.projected_grad for u in updates] or [0.0], dtype=torch.float32)
+    decays = torch.tensor([1.0 - u.lr * weight_decay for u in updates] or [1.0], dtype=torch.float32)
+    return seeds_t.to(device), coefs.to(device), decays.to(device)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _launch(buffer: torch.Tensor, unit: Unit, updates: Sequence, seed: int | None, eps: float,
+            outputs: dict[int, torch.Tensor], noise_kind: str, weight_decay: float) -> None:
+    if buffer.dtype not in DTYPES:
+        raise ValueError(f"the Triton kernel takes {[str(d) for d in DTYPES]} buffers, got {buffer.dtype}; "
+                         f"set {SWITCH}=torch for other dtypes")
+    if noise_kind not in ("gaussian", "rademacher"):
+        raise ValueError(f"noise_kind must be 'gaussian' or 'rademacher', got {noise_kind!r}")
+    if buffer.dim() != 1 or not buffer.is_contiguous():
+        raise ValueError(f"buffer must be a contiguous 1-D tensor, got shape {tuple(buffer.shape)}")
+    n = buffer.numel()
+    if n == 0 or (not updates and not outputs):
+        return
+    module = _triton()
+    seeds, coefs, decays = _parameters(tuple(updates), seed, float(weight_decay), buffer.device)
+    module.update_perturb_kernel[(_cdiv(n, BLOCK),)](
+        buffer, outputs.get(1, buffer), outputs.get(-1, buffer), seeds, coefs, decays, len(updates), n,
+        unit.n_decay, unit.index, float(eps), KIND=module.KINDS[noise_kind], UPDATE=bool(updates),
+        ROUND=buffer.dtype != torch.float32, PLUS=1 in outputs, MINUS=-1 in outputs, BLOCK=BLOCK)
+
+
+def update_and_perturb(buffer: torch.Tensor, unit: Unit, updates: Sequence, seed: int, eps: float, *,
+                       noise_kind: str, weight_decay: float, signs: Sequence[int] = (1, -1)) -> list[torch.Tensor]:
+    """:func:`zo2.optim.update_and_perturb` in one Triton launch: returns ``buffer + sign*eps*z`` per sign."""
+    if any(sign not in (1, -1) for sign in signs) or len(set(signs)) != len(signs):
+        raise ValueError(f"signs must be distinct values of +1 and -1, got {tuple(signs)}")
+    outputs = {sign: torch.empty_like(buffer) for sign in signs}
+    _launch(buffer, unit, updates, seed, eps, outputs, noise_kind, weight_decay)
+    return [outputs[sign] for sign in signs]
+
+
+def apply_updates(buffer: torch.Tensor, unit: Unit, updates: Sequence, *, noise_kind: str,
+                  weight_decay: float) -> None:
+    """:func:`zo2.optim.apply_updates` in one Triton launch (all updates applied per element in order)."""
+    _launch(buffer, unit, updates, None, 0.0, {}, noise_kind, weight_decay)
+
+
+def generate(kind: str, seed: int, unit: int, start: int, count: int, *, stream: int = noise.PERTURBATION_STREAM,
+             device: torch.device | str = "cpu") -> torch.Tensor:
+    """:func:`zo2.noise.generate` by the kernel's own generator (to check it against the torch one)."""
+    module = _triton()
+    if kind not in module.KINDS:
+        raise ValueError(f"unknown noise kind {kind!r}; expected one of {sorted(module.KINDS)}")
+    if count < 0 or start < 0:
+        raise ValueError(f"noise range must be non-negative, got start={start}, count={count}")
+    first = start - start % BLOCK  # programs start at multiples of BLOCK
+    out = torch.empty(start - first + count, dtype=torch.float32, device=device)
+    if out.numel():
+        module.noise_kernel[(_cdiv(out.numel(), BLOCK),)](
+            out, _as_int64(seed), out.numel(), first, unit, KIND=module.KINDS[kind], STREAM=stream, BLOCK=BLOCK)
+    return out[start - first:]
