@@ -259,3 +259,23 @@ def test_embedded_model_is_loaded_from_the_cache(model_dir: Path, tmp_path: Path
     assert [p.name for p in target.parent.iterdir()] == [finetune.EMBEDDED_MODEL]
     loaded_tokenizer, loaded = finetune.load_embedded_model(torch.float32)
     assert loaded.config.hidden_size == 32 and loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
+
+
+def test_a_registered_task_loads_through_datasets(model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """Adding a task is one registry entry; a local folder laid out like a Hub dataset repository stands
+    in for the Hub (``datasets.load_dataset`` reads it the same way, offline)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    repo = tmp_path / "hub-repo" / "data"
+    repo.mkdir(parents=True)
+    rows = [{"review": r["text"], "stars": 5 if r["label"] == "pos" else 1} for r in _rows(30)]
+    pq.write_table(pa.Table.from_pylist(rows[:20]), repo / "train-00000-of-00001.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[20:]), repo / "validation-00000-of-00001.parquet")
+    render = tasks.ColumnTask({"1": "negative", "5": "positive"}, text_column="review", label_column="stars").render
+    monkeypatch.setitem(tasks.TASKS, "stars", tasks.TaskSpec("stars", "classification", render, str(repo.parent)))
+    out = tmp_path / "out"
+    assert cli.main(["--task", "stars", "--model", str(model_dir), "--steps", "1", "--batch-size", "2",
+                     "--working-device", "cpu", "--output-dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["task"], summary["train_examples"], summary["eval_examples"]) == ("stars", 20, 10)
+    assert summary["data"] == str(repo.parent)

@@ -37,7 +37,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DEFAULT_TEMPLATE = "Review: {text}\nSentiment:"
-TASK_CHOICES = (*tasks.TASKS, *finetune.GENERIC_TASKS)
 _NOT_IN_CONFIG = {"help", "config", "version"}
 
 
@@ -89,8 +88,9 @@ def _template(text: str) -> str:
 
 
 def _task(text: str) -> str:
-    if text.lower() not in TASK_CHOICES:
-        raise argparse.ArgumentTypeError(f"unknown task {text!r}; choose one of {', '.join(TASK_CHOICES)}")
+    choices = (*tasks.TASKS, *finetune.GENERIC_TASKS)  # read at parse time: registered tasks count too
+    if text.lower() not in choices:
+        raise argparse.ArgumentTypeError(f"unknown task {text!r}; choose one of {', '.join(choices)}")
     return text.lower()
 
 

@@ -92,7 +92,7 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def load_hub_split(path: str, name: str | None, split: str, revision: str | None = None) -> list[dict[str, Any]]:
+def load_hub_split(path: str, name: str | None, split: str) -> list[dict[str, Any]]:
     """The rows of one split of a Hugging Face dataset, through ``datasets.load_dataset`` (needs network
     on first use; cached by ``datasets`` afterwards)."""
     try:
@@ -101,7 +101,7 @@ def load_hub_split(path: str, name: str | None, split: str, revision: str | None
         raise TaskError("loading a dataset by name needs the datasets package: pip install datasets "
                         "(or pass local files with --train-file/--eval-file)") from None
     logger.info("loading %s%s split %r with datasets", path, f"/{name}" if name else "", split)
-    return datasets.load_dataset(path, name, split=split, revision=revision).to_list()
+    return datasets.load_dataset(path, name, split=split).to_list()
 
 
 def check_columns(records: Sequence[Mapping[str, Any]], **columns: str) -> None:
