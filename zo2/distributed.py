@@ -110,7 +110,7 @@ def init_from_env(config: ZOConfig) -> bool:
     """
     if dist.is_initialized():
         return True
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and "MASTER_ADDR" not in os.environ:
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:  # not started by a distributed launcher
         return False
     backend = "gloo"
     if torch.device(config.working_device).type == "cuda":
@@ -297,9 +297,10 @@ def share_masters(units: list[Unit], group: dist.ProcessGroup, pin: bool) -> Non
             torch.cuda.cudart().cudaHostRegister(master.data_ptr(), master.nbytes, 0)
         unit.master = master
         unit.point_params_at(master)
-    logger.info("zo2: %d offloaded units in host memory shared by %d ranks (%.1f MiB once, not %d times)",
-                len(units), dist.get_world_size(group), sum(m.nbytes for m in shared) / 2**20,
-                dist.get_world_size(group))
+    if dist.get_rank(group) == 0:
+        logger.info("zo2: %d offloaded units in host memory shared by %d ranks (%.1f MiB once, not %d times)",
+                    len(units), dist.get_world_size(group), sum(m.nbytes for m in shared) / 2**20,
+                    dist.get_world_size(group))
 
 
 def _sliced_factory(config: ZOConfig, group: dist.ProcessGroup | None):
