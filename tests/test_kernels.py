@@ -43,7 +43,11 @@ def _within_one_step(actual: torch.Tensor, expected: torch.Tensor) -> bool:
 
 @needs_triton
 @pytest.mark.parametrize("kind,stream", [("rademacher", 0), ("uniform", noise.ROUNDING_STREAM), ("gaussian", 0)])
-@pytest.mark.parametrize("seed,unit,start,count", [(7, 0, 0, 1000), (2**63 + 3, 5, 1030, 2500), (123, 1, 3, 129)])
+@pytest.mark.parametrize("seed,unit,start,count", [
+    (7, 0, 0, 1000), (2**63 + 3, 5, 1030, 2500), (123, 1, 3, 129),
+    (9, 3, noise.CHUNK - 1000, 2000),  # across a chunk boundary of the torch path
+    (5, 1, 2**36 + 5, 300),  # counters past 2**32: the counter's high word
+])
 def test_kernel_noise_is_zo2_noise(kind, stream, seed, unit, start, count):
     """Same counters: Rademacher signs and uniforms bit for bit, Gaussians within float32 rounding."""
     expected = noise.generate(kind, seed, unit, start, count, stream=stream)

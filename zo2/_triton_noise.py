@@ -68,7 +68,7 @@ def _uniform(seed, start, unit, STREAM: tl.constexpr, BLOCK: tl.constexpr):
 @triton.jit
 def _box_muller(u1, u2):
     """The pair transform of zo2.noise._gaussian_chunk (and of tl.randn4x)."""
-    radius = tl.sqrt(-2.0 * tl.log(tl.maximum(u1, 1.0e-7)))
+    radius = tl.sqrt_rn(-2.0 * tl.log(tl.maximum(u1, 1.0e-7)))  # IEEE sqrt as torch; tl.sqrt is approximate on GPUs
     angle = 6.283185307179586 * u2
     return radius * tl.cos(angle), radius * tl.sin(angle)
 

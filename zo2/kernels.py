@@ -20,16 +20,19 @@ import functools
 import importlib.util
 import os
 from types import ModuleType
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from . import noise
 from .storage import Unit
 
+if TYPE_CHECKING:  # optim imports this module
+    from .optim import Update
+
 SWITCH = "ZO2_KERNELS"
 CHOICES = ("auto", "torch", "triton")
-#: Elements per Triton program; a multiple of 128 (one Philox counter covers 128 Rademacher signs).
+#: Elements per Triton program: a power of two >= 128 (one Philox counter covers 128 Rademacher signs).
 BLOCK = 1024
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -72,7 +75,7 @@ def _as_int64(seed: int) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def _parameters(updates: tuple, seed: int | None, weight_decay: float,
+def _parameters(updates: tuple[Update, ...], seed: int | None, weight_decay: float,
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Kernel inputs for a list of updates, cached: every unit of a step shares them (one tiny copy a step).
 
@@ -88,7 +91,7 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _launch(buffer: torch.Tensor, unit: Unit, updates: Sequence, seed: int | None, eps: float,
+def _launch(buffer: torch.Tensor, unit: Unit, updates: Sequence[Update], seed: int | None, eps: float,
             outputs: dict[int, torch.Tensor], noise_kind: str, weight_decay: float) -> None:
     if buffer.dtype not in DTYPES:
         raise ValueError(f"the Triton kernel takes {[str(d) for d in DTYPES]} buffers, got {buffer.dtype}; "
@@ -108,7 +111,7 @@ def _launch(buffer: torch.Tensor, unit: Unit, updates: Sequence, seed: int | Non
         ROUND=buffer.dtype != torch.float32, PLUS=1 in outputs, MINUS=-1 in outputs, BLOCK=BLOCK)
 
 
-def update_and_perturb(buffer: torch.Tensor, unit: Unit, updates: Sequence, seed: int, eps: float, *,
+def update_and_perturb(buffer: torch.Tensor, unit: Unit, updates: Sequence[Update], seed: int, eps: float, *,
                        noise_kind: str, weight_decay: float, signs: Sequence[int] = (1, -1)) -> list[torch.Tensor]:
     """:func:`zo2.optim.update_and_perturb` in one Triton launch: returns ``buffer + sign*eps*z`` per sign."""
     if any(sign not in (1, -1) for sign in signs) or len(set(signs)) != len(signs):
@@ -118,7 +121,7 @@ def update_and_perturb(buffer: torch.Tensor, unit: Unit, updates: Sequence, seed
     return [outputs[sign] for sign in signs]
 
 
-def apply_updates(buffer: torch.Tensor, unit: Unit, updates: Sequence, *, noise_kind: str,
+def apply_updates(buffer: torch.Tensor, unit: Unit, updates: Sequence[Update], *, noise_kind: str,
                   weight_decay: float) -> None:
     """:func:`zo2.optim.apply_updates` in one Triton launch (all updates applied per element in order)."""
     _launch(buffer, unit, updates, None, 0.0, {}, noise_kind, weight_decay)
