@@ -12,14 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from zo2.checkpoint import MANIFEST_NAME, CheckpointError
+from zo2.checkpoint import MANIFEST_NAME, CheckpointError, load_checkpoint
 from trainer_worker import build_trainer, train_losses, weights
 
 WORKER = Path(__file__).with_name("trainer_worker.py")
 
 
 def test_stop_after_n_steps_and_resume_equals_2n_steps_straight(tmp_path):
-    common = dict(lr_scheduler_type="constant_with_warmup", warmup_steps=2, save_strategy="steps", save_steps=3)
+    # Offloaded blocks (zo2=True): the checkpoint's weights must also reach the offloaded masters.
+    common = dict(lr_scheduler_type="constant_with_warmup", warmup_steps=2, save_strategy="steps", save_steps=3,
+                  zo_config={"zo2": True, "offloading_blocks": [1]})
     straight = build_trainer(tmp_path / "straight", max_steps=6, **common)
     straight.train()
     first = build_trainer(tmp_path / "run", max_steps=3, **common)
@@ -45,7 +47,8 @@ def _wait_for(path: Path, process: subprocess.Popen, limit: float = 240) -> None
 
 def test_kill_9_mid_run_then_resume_ends_identical_to_an_uninterrupted_run(tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
     # Trains with a linear lr schedule over 8 steps, saves every 2, and hangs at the end of step 5.
     process = subprocess.Popen([sys.executable, str(WORKER), "hang", str(out), "8", "2", "5"], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -82,3 +85,14 @@ def test_a_partial_or_corrupt_checkpoint_is_not_resumed(tmp_path, damage, messag
     if message == "missing manifest":  # nothing complete is left to resume from
         with pytest.raises(CheckpointError, match="no complete checkpoint"):
             build_trainer(tmp_path, max_steps=4).train(resume_from_checkpoint=True)
+
+
+def test_load_best_model_at_end_restores_the_best_checkpoints_weights_and_engine_state(tmp_path):
+    trainer = build_trainer(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, eval_strategy="steps",
+                            eval_steps=2, load_best_model_at_end=True, metric_for_best_model="eval_loss")
+    trainer.train()
+    best = load_checkpoint(trainer.state.best_model_checkpoint)
+    assert trainer.zo_engine.step_count == best.step
+    fresh = build_trainer(tmp_path / "fresh", max_steps=4)
+    best.restore(fresh.zo_engine)
+    assert torch.equal(weights(trainer), weights(fresh))

@@ -53,7 +53,8 @@ def test_gradient_accumulation_equals_one_batch_of_k_times_the_size(tmp_path):
 
 
 def test_two_processes_with_batch_b_end_where_one_process_with_batch_2b_ends(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
     torchrun = Path(sys.executable).with_name("torchrun")
     subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", str(WORKER), "dp",
                     str(tmp_path / "dp.pt"), "3", "2"], check=True, env=env, cwd=tmp_path, timeout=300)
