@@ -219,27 +219,36 @@ class SlicedTransferScheduler(TransferScheduler):
     """Each of the N ranks of a node uploads 1/N of a unit from shared host memory; the device slots
     are completed by an all-gather over the node's group; each rank writes back only its slice.
 
-    A unit of ``n`` elements is cut into N slices of ``n // N`` elements; the few (< N) trailing
-    elements are uploaded by every rank and written back by the node's first rank. Every rank of the
-    node must walk the same units in the same order (same batch shapes and number of walks)."""
+    A unit of ``n`` elements is cut into N slices of ``n // N`` elements; the node's first rank also
+    owns the few (< N) trailing elements and broadcasts them. So every host element is read and
+    written by one rank only, and no rank ever waits for another's host copies during training.
+    Every rank of the node must walk the same units in the same order (same batch shapes and number
+    of walks), since each upload is a collective."""
 
     def __init__(self, order: list[Unit], pool: SlotPool, device: torch.device, group: dist.ProcessGroup) -> None:
         super().__init__(order, pool, device)
         self.group = group
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+        self._first = dist.get_global_rank(group, 0)
         self._written = False  # slices written back since the last synchronize_host
 
     def _slice(self, unit: Unit) -> tuple[int, int, int]:
-        """(start, end) of this rank's slice and where the shared tail starts."""
+        """Start and end of this rank's slice, and where the first rank's tail starts."""
         length = unit.numel // self.size
         return self.rank * length, (self.rank + 1) * length, self.size * length
 
     def _copy_in(self, unit: Unit, buffer: torch.Tensor) -> None:
         start, end, tail = self._slice(unit)
         buffer[start:end].copy_(unit.master[start:end], non_blocking=self.cuda)
-        buffer[tail:].copy_(unit.master[tail:], non_blocking=self.cuda)
+        if self.rank == 0:
+            buffer[tail:].copy_(unit.master[tail:], non_blocking=self.cuda)
         if tail:  # in place: this rank's input is its own slice of the output (NCCL and gloo allow it)
             _all_gather_into(buffer[:tail], buffer[start:end], self.group)
+        if tail < unit.numel:
+            try:
+                dist.broadcast(buffer[tail:], src=self._first, group=self.group)
+            except RuntimeError as err:
+                raise _failed("the broadcast of a unit's tail", err, self.group) from err
 
     def _copy_out(self, unit: Unit, buffer: torch.Tensor) -> None:
         self._written = True
