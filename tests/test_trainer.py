@@ -107,9 +107,9 @@ def test_options_that_cannot_apply_raise_clear_errors(tmp_path, overrides, messa
 
 
 def test_optimizers_and_missing_config_are_refused(tmp_path):
-    model = make_model("llama")
+    model, config = make_model("llama"), ZOConfig(working_device="cpu")
     with pytest.raises(ValueError, match="does not take optimizer"):
-        ZOTrainer(model, args=training_args(tmp_path), train_dataset=dataset(4), zo_config=ZOConfig(working_device="cpu"),
+        ZOTrainer(model, args=training_args(tmp_path), train_dataset=dataset(4), zo_config=config,
                   optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
     with pytest.raises(ValueError, match="needs zo_config"):
         ZOTrainer(make_model("llama"), args=training_args(tmp_path), train_dataset=dataset(4))
@@ -143,7 +143,7 @@ def test_sft_trainer_trains_on_a_tiny_text_dataset(tmp_path):
     assert result.global_step == 3 and trainer.zo_engine.step_count == 3
     assert all(torch.isfinite(torch.tensor(log["loss"])) for log in trainer.state.log_history if "loss" in log)
     assert "eval_loss" in trainer.evaluate(Dataset.from_dict({"text": texts[:4]}))
+    padding_free = SFTConfig(output_dir=str(tmp_path), padding_free=True, max_length=None, report_to=[], use_cpu=True)
     with pytest.raises(ValueError, match="padding_free=False"):
-        ZOSFTTrainer(make_model("llama"), args=SFTConfig(output_dir=str(tmp_path), padding_free=True, max_length=None,
-                                                         report_to=[], use_cpu=True), train_dataset=Dataset.from_dict({"text": texts}),
+        ZOSFTTrainer(make_model("llama"), args=padding_free, train_dataset=Dataset.from_dict({"text": texts}),
                      processing_class=tokenizer, zo_config=ZOConfig(working_device="cpu"))

@@ -276,7 +276,8 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
     verify_manifest(directory)
     data = _read_json(directory / STATE_NAME, STATE_NAME)
     if not isinstance(data, dict) or not isinstance(data.get("engine"), dict) or "step_count" not in data["engine"]:
-        raise CheckpointError(f"{directory / STATE_NAME}: no engine state (expected {{'engine': {{'step_count': ...}}}})")
+        raise CheckpointError(f"{directory / STATE_NAME}: no engine state "
+                              "(expected {'engine': {'step_count': ...}, 'extra': {...}})")
     return Checkpoint(directory, data["engine"], data.get("extra") or {})
 
 
@@ -333,5 +334,5 @@ def run_replay(args: Any) -> int:
         transformers.AutoTokenizer.from_pretrained(base, local_files_only=True).save_pretrained(args.output)
     except (OSError, ValueError, TypeError):
         logger.info("no tokenizer in %s; saved the model only", base)
-    print(f"zo2 replay: applied {len(log['updates'])} updates to {base}; saved the model to {args.output}")
+    logger.info("applied %d updates to %s; saved the model to %s", len(log["updates"]), base, args.output)
     return 0

@@ -40,6 +40,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from ..checkpoint import (SEED_LOG_NAME, STATE_NAME, CheckpointError, latest_checkpoint, load_checkpoint,
                           save_seed_log, write_json_atomic, write_manifest)
 from ..config import ZOConfig
+from ..distributed import role_for
 from ..engine import StepResult, ZOEngine
 
 logger = logging.getLogger(__name__)
@@ -188,8 +189,6 @@ class ZOTrainerMixin:
         if zo_config.lr not in (default_lr, self.args.learning_rate):
             logger.warning("ZOConfig.lr=%g is ignored: the trainer's lr is TrainingArguments.learning_rate=%g "
                            "(with its schedule)", zo_config.lr, self.args.learning_rate)
-        from ..distributed import role_for
-
         config = _placed(zo_config, self.args.device)
         return ZOEngine(self.model, config, role=role_for(config))
 
