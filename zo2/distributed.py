@@ -199,9 +199,10 @@ def shard_batch(batch: Mapping[str, Any], config: ZOConfig, group: dist.ProcessG
         return dict(batch)
     grid = Grid.of(config, dist.get_world_size(group), dist.get_rank(group))
     rows = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
-    if rows < grid.dp:
-        raise ValueError(f"a batch of {rows} rows cannot be split over {grid.dp} data-parallel ranks; "
-                         f"use a global batch of at least {grid.dp} rows")
+    if rows < grid.dp or (config.sliced_transfers and rows % grid.dp):
+        raise ValueError(f"a batch of {rows} rows cannot be split over {grid.dp} data-parallel ranks; use a global "
+                         f"batch of {'a multiple of' if config.sliced_transfers else 'at least'} {grid.dp} rows"
+                         + (" (sliced transfers need equal shards)" if config.sliced_transfers else ""))
     return {k: v.tensor_split(grid.dp)[grid.dp_index] if isinstance(v, torch.Tensor) and v.dim() and
             v.shape[0] == rows else v for k, v in batch.items()}
 
@@ -303,7 +304,7 @@ def share_masters(units: list[Unit], group: dist.ProcessGroup, pin: bool) -> Non
             os.unlink(path)
     for unit, master in zip(units, shared):
         if pin:  # page-locked, so uploads and write-backs run asynchronously to the host
-            torch.cuda.cudart().cudaHostRegister(master.data_ptr(), master.nbytes, 0)
+            torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(master.data_ptr(), master.nbytes, 0))
         unit.master = master
         unit.point_params_at(master)
     if dist.get_rank(group) == 0:
