@@ -11,8 +11,10 @@ import multiprocessing
 import os
 import pickle
 import queue
+import runpy
 import signal
 import socket
+import sys
 import time
 import traceback
 from typing import Any, Callable
@@ -30,7 +32,8 @@ BATCH = dict(batch=4, length=8)
 TRAINING = dict(working_device="cpu", lr=1e-2, eps=1e-3, weight_decay=0.1)
 
 _context = multiprocessing.get_context("forkserver")
-_context.set_forkserver_preload(["torch", "transformers", "zo2", "zo2.distributed", "dist_worker"])
+_context.set_forkserver_preload(["torch", "transformers", "transformers.models.llama.modeling_llama", "zo2",
+                                 "zo2.distributed", "dist_worker"])
 
 
 def _free_port() -> int:
@@ -161,6 +164,12 @@ def lose_a_rank(how: str, timeout: float) -> str:
     except DistributedError as err:
         return str(err)
     return "no error"
+
+
+def run_script(path: str, argv: list[str]) -> None:
+    """Run a script as ``__main__`` with ``argv``, as a launcher would in each process."""
+    sys.argv = [path, *argv]
+    runpy.run_path(path, run_name="__main__")
 
 
 def resume_in_one_process(directory: str, steps: int) -> dict:
