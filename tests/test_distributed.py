@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zo2 import ZOConfig, ZOEngine, noise, replay
+from zo2 import Update, ZOConfig, ZOEngine, noise, replay
 from zo2.checkpoint import load_checkpoint
 from zo2.distributed import DistributedError, Grid, role_for
 from zo2.engine import Role
@@ -84,7 +84,6 @@ def test_one_direction_per_rank_equals_one_process_with_q_directions_and_its_rep
     single = _single(num_directions=2)
     assert torch.equal(ranks[0]["directions"]["masters"], single["masters"])
     assert ranks[0]["directions"]["history"] == single["history"]
-    from zo2 import Update
     updates = [Update(*pair) for pair in ranks[1]["directions"]["history"]]
     replayed = replay(make_model("llama", dtype=torch.float64, **MODEL), updates, ZOConfig(**TRAINING))
     assert torch.equal(masters(replayed), single["masters"])
