@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import uuid
@@ -282,13 +283,25 @@ def node_group(group: dist.ProcessGroup | None = None) -> dist.ProcessGroup:
     return mine
 
 
+def _shm_shortfall(units: list[Unit]) -> str | None:
+    """Why the shared-memory folder cannot hold the masters (a full tmpfs kills with SIGBUS), or None."""
+    needed, free = sum(u.master.nbytes for u in units), shutil.disk_usage(_SHM_DIR).free
+    if needed <= free:
+        return None
+    return (f"ZOConfig.sliced_transfers=True needs {needed / 2**30:.2f} GiB of shared memory in {_SHM_DIR} for "
+            f"the offloaded blocks, but {free / 2**30:.2f} GiB are free: enlarge it (docker run --shm-size=...) "
+            "or set sliced_transfers=False")
+
+
 def share_masters(units: list[Unit], group: dist.ProcessGroup, pin: bool) -> None:
     """Replace each unit's private master by one copy in host memory shared by the ranks of ``group``
     (a file in /dev/shm mapped by every rank, unlinked once all have mapped it, so nothing is left
     behind). The first rank's weights are copied in; the ranks must hold identical weights."""
     first = dist.get_global_rank(group, 0)
-    token = [uuid.uuid4().hex if dist.get_rank(group) == 0 else None]
-    dist.broadcast_object_list(token, src=first, group=group)
+    token = [uuid.uuid4().hex, _shm_shortfall(units)] if dist.get_rank(group) == 0 else [None, None]
+    dist.broadcast_object_list(token, src=first, group=group)  # every rank raises the same error, or none
+    if token[1]:
+        raise DistributedError(token[1])
     paths = [os.path.join(_SHM_DIR, f"zo2-{token[0]}-{unit.index}") for unit in units]
     shared = []
     for writer in (True, False):  # the first rank creates and fills the files, then the others map them
