@@ -152,6 +152,7 @@ def run_case(size: str, mode: str, budget: str | None, args: argparse.Namespace,
             "peak_gpu_alloc_bytes": torch.cuda.max_memory_allocated() if cuda else None,
             "peak_gpu_used_bytes": used if cuda else None, "transfer_floor_s": plan.transfer_floor_s,
             "compute_floor_s": plan.compute_floor_s, "noise_floor_s": plan.noise_floor_s, "floor_s": floor,
+            "predicted_gpu_bytes": plan.working_weights_bytes + plan.activation_bytes,
             "measured_over_floor": median / floor if floor else None,
             "device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)"}
 
