@@ -29,3 +29,24 @@ def test_offloaded_equals_resident_on_cuda(num_slots):
         if zo2:
             assert all(u.master.is_pinned() for u in engine.units if u.offloaded)
     assert torch.equal(*results)
+
+
+@pytest.mark.parametrize("config", [dict(write_back_every=3), dict(storage_dtype="bfloat16"),
+                                    dict(noise="rademacher", num_directions=2)])
+def test_offload_settings_do_not_change_the_result_on_cuda(config):
+    batch = make_batch()
+    results = []
+    for zo2 in (False, True):
+        resident_only = {k: v for k, v in config.items() if k != "write_back_every"}
+        engine = ZOEngine(make_model("llama", num_hidden_layers=4),
+                          ZOConfig(working_device="cuda", zo2=zo2, lr=1e-2, **(config if zo2 else resident_only)))
+        for _ in range(7):
+            engine.step([batch, batch])
+        results.append(masters(engine))
+    assert torch.equal(*results)
+
+
+def test_gpu_memory_budget_places_blocks_on_cuda():
+    engine = ZOEngine(make_model("llama", num_hidden_layers=6), ZOConfig(working_device="cuda", gpu_memory_budget="1GB"))
+    assert not any(u.offloaded for u in engine.units)
+    assert all(u.master.is_cuda for u in engine.units)
