@@ -172,6 +172,21 @@ def test_registry_and_lm_tasks_from_local_files(model_dir: Path, tmp_path: Path)
     assert all(e["perplexity"] == pytest.approx(2.718281828459045 ** e["loss"]) for e in summary["evals"])
 
 
+def test_generation_task_from_a_local_file(model_dir: Path, tmp_path: Path) -> None:
+    rows = [{"id": str(r["id"]), "title": "film", "context": r["text"], "question": "what was it ?",
+             "answers": {"text": [r["text"].split()[-2]], "answer_start": [0]}} for r in _rows(12)]
+    path = tmp_path / "squad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    assert cli.main(["--model", str(model_dir), "--task", "squad", "--train-file", str(path), "--eval-examples", "4",
+                     "--max-new-tokens", "2", "--steps", "1", "--batch-size", "2", "--working-device", "cpu",
+                     "--output-dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["metric"], summary["kind"], summary["eval_examples"]) == ("f1", "generation", 4)
+    assert all(set(e) == {"step", "exact_match", "f1"} and 0 <= e["exact_match"] <= e["f1"] <= 1
+               for e in summary["evals"])
+
+
 def test_label_values_are_the_default_words(model_dir: Path, tmp_path: Path, capsys) -> None:
     path = tmp_path / "data.csv"
     with open(path, "w", newline="") as stream:

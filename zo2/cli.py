@@ -28,9 +28,9 @@ from . import __version__, finetune, tasks
 from .checkpoint import CheckpointError, add_replay_command
 from .config import NOISE_KINDS, STORAGE_DTYPES, ZOConfigError
 from .dual import DualForwardError
-from .finetune import (EMBEDDED_MODEL, cache_dir, format_summary, load_embedded_model,  # noqa: F401 (public API)
-                       load_local_model)
+from .finetune import EMBEDDED_MODEL
 from .models import UnsupportedModelError
+from .report import format_summary
 from .plan import add_plan_command
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import functools
 import inspect
-import json
 import logging
 import math
 import os
@@ -28,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -39,6 +38,7 @@ from transformers import modeling_utils
 from . import tasks
 from .config import ZOConfig
 from .engine import ZOEngine
+from .report import write_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -312,29 +312,6 @@ def latest_resumable(output_dir: Path) -> Any | None:
     return load_checkpoint(path) if path is not None else None
 
 
-# ----------------------------------------------------------------------------------- outputs
-def plot_loss_curve(summary: dict, path: Path) -> None:
-    """A PNG of the training loss per step, with the eval metric on a second axis."""
-    import matplotlib
-    matplotlib.use("Agg")  # no display: render to a file
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
-    steps = [h["step"] for h in summary["history"]]
-    axis.plot(steps, [h["loss"] for h in summary["history"]], color="tab:blue", linewidth=1, label="train loss")
-    axis.set_xlabel("step")
-    axis.set_ylabel("train loss", color="tab:blue")
-    metric = summary["metric"]
-    evals = summary["evals"]
-    other = axis.twinx()
-    other.plot([e["step"] for e in evals], [e[metric] for e in evals], "o-", color="tab:orange", label=f"eval {metric}")
-    other.set_ylabel(f"eval {metric}", color="tab:orange")
-    axis.set_title(f"{summary['mode']} fine-tuning: {summary['model']} on {summary['task']}", fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-
-
 def build_summary(run: Run, args: argparse.Namespace, total_seconds: float, resumed_from: str | None) -> dict:
     """Everything a run reports: metric before/after, best, timings, peak memory, the loss history."""
     metric, first, last = run.metric, run.evals[0], run.evals[-1]
@@ -390,35 +367,5 @@ def run(args: argparse.Namespace) -> dict:
     if job.output is not None:
         if args.first_order:
             job.save(job.output / "final")
-        _write_outputs(summary, job.output)
+        write_outputs(summary, job.output)
     return summary
-
-
-def _write_outputs(summary: dict, output: Path) -> None:
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    try:
-        plot_loss_curve(summary, output / "loss_curve.png")
-    except ImportError:
-        logger.warning("matplotlib is not installed: no loss_curve.png (pip install matplotlib)")
-    logger.info("wrote summary.json and loss_curve.png to %s", output)
-
-
-def format_summary(summary: dict) -> str:
-    """The few lines printed at the end of a run."""
-    metric = summary["metric"]
-    scale, unit = (100, "%") if metric in ("accuracy", "f1", "exact_match") else (1, "")
-    before, after = scale * summary["before"], scale * summary["after"]
-    minutes, secs = divmod(round(summary["total_seconds"]), 60)
-    best = summary["best"]
-    return "\n".join([
-        f"zo2 finetune ({summary['mode']}): {summary['model']} on {summary['task']} [{summary['data']}] "
-        f"({summary['train_examples']} train / {summary['eval_examples']} eval examples)",
-        f"  {metric} before: {before:.2f}{unit}   after: {after:.2f}{unit}   ({after - before:+.2f})"
-        f"   best: {scale * best['value']:.2f}{unit} at step {best['step']}",
-        f"  steps: {summary['steps']} x batch {summary['batch_size']}, lr {summary['zo_config']['lr']:g}"
-        + ("" if summary["mode"] == "first-order" else f", eps {summary['zo_config']['eps']:g}")
-        + f": {summary['step_seconds']:.2f} s/step (median; first step {summary['first_step_seconds']:.1f} s), "
-        f"{summary['train_seconds']:.0f} s of training",
-        f"  peak memory: {summary['peak_memory_mib']:.0f} MiB   total time: {minutes} min {secs:02d} s",
-    ])
