@@ -36,6 +36,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers import modeling_utils
 
 from . import tasks
+from .checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ZOConfig
 from .engine import ZOEngine
 from .report import write_outputs
@@ -270,7 +271,6 @@ class Run:
             shutil.rmtree(directory, ignore_errors=True)
             save_atomically(self.model, self.tokenizer, directory)
             return
-        from .checkpoint import save_checkpoint
         save_checkpoint(self.engine, directory, tokenizer=self.tokenizer, extra=self._extra())
 
     def save_latest(self) -> Path:
@@ -283,7 +283,7 @@ class Run:
             shutil.rmtree(old, ignore_errors=True)
         return path
 
-    def restore(self, checkpoint: Any) -> None:
+    def restore(self, checkpoint: Checkpoint) -> None:
         """Continue from a loaded checkpoint (the model already holds its weights)."""
         extra = checkpoint.extra
         saved = extra.get("run", {})
@@ -305,9 +305,8 @@ def _jsonable(value: Any) -> Any:
     return str(value) if isinstance(value, Path) else value
 
 
-def latest_resumable(output_dir: Path) -> Any | None:
+def latest_resumable(output_dir: Path) -> Checkpoint | None:
     """The newest checkpoint under ``output_dir/checkpoints`` (loaded), or None when there is none."""
-    from .checkpoint import latest_checkpoint, load_checkpoint
     path = latest_checkpoint(output_dir / "checkpoints")
     return load_checkpoint(path) if path is not None else None
 
