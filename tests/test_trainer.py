@@ -56,7 +56,7 @@ def test_two_processes_with_batch_b_end_where_one_process_with_batch_2b_ends(tmp
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
     torchrun = Path(sys.executable).with_name("torchrun")
-    subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", str(WORKER), "dp",
+    subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(WORKER), "dp",
                     str(tmp_path / "dp.pt"), "3", "2"], check=True, env=env, cwd=tmp_path, timeout=300)
     parallel = torch.load(tmp_path / "dp.pt")
     single = build_trainer(tmp_path / "single", data_size=4, max_steps=3, per_device_train_batch_size=4,
