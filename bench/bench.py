@@ -246,7 +246,10 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "results.json").write_text(json.dumps({"machine": rates, "rows": rows}, indent=2))
     (args.out / "results.md").write_text(markdown(rows) + "\n")
     if any(r["budget"] for r in rows):
-        plot_budgets(rows, args.out / "budget.png")
+        try:
+            plot_budgets(rows, args.out / "budget.png")
+        except ImportError:
+            print("matplotlib is not installed: no budget.png (pip install matplotlib)")
     print(markdown(rows))
 
 

@@ -6,6 +6,8 @@
 #   bash bench/gpu_session.sh huge    # OPT 30B, and 66B/175B cut to 4 blocks
 # Results go to $OUT (or bench/results/gpu) as JSON + markdown (+ budget.png).
 set -euo pipefail
+# the working tree's zo2, without installing anything (the GPU machine's torch/transformers stay as they are)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 out="${OUT:-bench/results/gpu}"
 mkdir -p "$out"
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
