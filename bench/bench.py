@@ -7,8 +7,8 @@
 
 Each (size, mode) runs in a fresh subprocess, so peak host RSS and device memory are its own. Reported:
 median step after warm-up, first step, tokens/s, peak device memory (allocator, and "used" as NVML/
-nvidia-smi report it, i.e. total - free), peak host RSS against the stored weights, bytes moved per step,
-and the floors: bytes / measured pinned copy bandwidth, forward FLOPs / measured matmul rate, with the
+nvidia-smi report it, i.e. total - free), peak host RSS against the stored weights, bytes moved per
+step (counted, beside the plan's), and the floors: bytes / measured pinned copy bandwidth, forward FLOPs / measured matmul rate, with the
 ratio measured / floor. Modes: ``resident`` (plain MeZO), ``offloaded``, ``offloaded-skip`` (write-back
 every ``--write-back-every`` steps); ``--budgets`` adds offloaded runs under a gpu_memory_budget and a
 tokens/s-vs-budget plot. Writes results.json, results.md (and budget.png) under ``--out``.
@@ -131,8 +131,10 @@ def run_case(size: str, mode: str, budget: str | None, args: argparse.Namespace,
     batch = {"input_ids": ids, "labels": ids}
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times, used = [], 0
-    for _ in range(args.warmup + args.steps):
+    times, used, moved_before = [], 0, (0, 0)
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            moved_before = engine.bytes_moved()
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -147,7 +149,8 @@ def run_case(size: str, mode: str, budget: str | None, args: argparse.Namespace,
             "depth": args.depth or OPT_SHAPES[size][1], "params": sum(u.numel for u in engine.units),
             "resident_blocks": sum(not u.offloaded for u in engine.units) - 2, "median_step_s": median,
             "first_step_s": times[0], "tokens_per_s": args.batch * args.seq / median,
-            "bytes_moved_per_step": plan.upload_bytes + plan.download_bytes, "stored_weights_bytes": stored,
+            "bytes_moved_per_step": (sum(engine.bytes_moved()) - sum(moved_before)) / args.steps,
+            "predicted_bytes_moved_per_step": plan.upload_bytes + plan.download_bytes, "stored_weights_bytes": stored,
             "peak_cpu_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "peak_gpu_alloc_bytes": torch.cuda.max_memory_allocated() if cuda else None,
             "peak_gpu_used_bytes": used if cuda else None, "transfer_floor_s": plan.transfer_floor_s,

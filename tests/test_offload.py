@@ -95,3 +95,18 @@ def test_skipped_write_backs_let_the_host_master_lag_until_due_or_flushed():
     assert block.applied == 3
     engine.flush()
     assert block.applied == len(engine.history) == 5
+
+
+def test_each_offloaded_block_crosses_once_up_and_once_down_per_step():
+    """Calibration of a new batch shape streams nothing: it needs shapes, not weights."""
+    engine = ZOEngine(make_model("llama", num_hidden_layers=3), ZOConfig(working_device="cpu", lr=1e-2))
+    block_bytes = sum(u.master.numel() * u.master.element_size() for u in engine.units if u.offloaded)
+    engine.step(make_batch())  # calibrates, then walks: one upload per block, nothing pending to write
+    assert engine.bytes_moved() == (block_bytes, 0)
+    engine.step(make_batch(batch=6))  # a new shape calibrates again; the walk writes step 1's update back
+    assert engine.bytes_moved() == (2 * block_bytes, block_bytes)
+    skipping = ZOEngine(make_model("llama", num_hidden_layers=3),
+                        ZOConfig(working_device="cpu", lr=1e-2, write_back_every=2))
+    for _ in range(5):
+        skipping.step(make_batch())
+    assert skipping.bytes_moved() == (5 * block_bytes, 2 * block_bytes)

@@ -229,12 +229,13 @@ class ZOEngine:
 
     # -------------------------------------------------------------------------------- forwards
     @contextlib.contextmanager
-    def _forward_context(self):
+    def _forward_context(self, streaming: bool = True):
         """Eval mode (no dropout: both halves must see the same function), no autograd, and every
-        parameter pointed back at its master afterwards, even when the forward raised."""
+        parameter pointed back at its master afterwards, even when the forward raised. ``streaming``
+        starts the prefetch of offloaded units (calibration streams nothing)."""
         was_training = self.model.training
         self.model.eval()
-        if self._scheduler is not None:
+        if self._scheduler is not None and streaming:
             self._scheduler.restart()
         try:
             with torch.no_grad():
@@ -266,8 +267,13 @@ class ZOEngine:
         return buffer
 
     def _plain_member(self, entry: _Wrapped, args: tuple, kwargs: dict) -> Any:
-        streamed = []
+        streamed, stand_ins = [], []
         for unit in entry.units:
+            if unit.offloaded and self._calibration is not None:
+                # calibration records shapes only: zero weights of the right size, and no upload
+                stand_ins.append(unit)
+                unit.point_params_at(torch.zeros(unit.numel, dtype=unit.master.dtype, device=self.device))
+                continue
             buffer = self._sync(unit)
             if unit.offloaded:
                 unit.point_params_at(buffer)
@@ -275,6 +281,8 @@ class ZOEngine:
         try:
             output = entry.forward(*args, **kwargs)
         finally:
+            for unit in stand_ins:
+                unit.point_params_at(unit.master)
             for unit in streamed:
                 unit.point_params_at(unit.master)
                 self._scheduler.release(unit)
@@ -334,7 +342,7 @@ class ZOEngine:
             try:
                 for run, rows in enumerate(dual.calibration_rows(inputs, half)):
                     self._calibration.run = run
-                    with self._forward_context():
+                    with self._forward_context(streaming=False):
                         self._call_model(dual.select_rows(inputs, half, rows))
                 self._specs[key] = self._calibration.specs()
             finally:
@@ -468,6 +476,12 @@ class ZOEngine:
             del entry.member.module.forward
         self._wrapped = []
         return self.model
+
+    def bytes_moved(self) -> tuple[int, int]:
+        """(bytes uploaded to, bytes written back from) the working device since construction."""
+        if self._scheduler is None:
+            return 0, 0
+        return self._scheduler.bytes_up, self._scheduler.bytes_down
 
     def describe(self) -> str:
         """A table of the units: name, parameters, dtype and where the master lives."""

@@ -41,6 +41,10 @@ class TransferScheduler:
         self._slot_free: list[list[torch.cuda.Event]] = [[] for _ in range(len(pool))]
         self._host_ready: dict[int, torch.cuda.Event] = {}
         self._next = 0  # position in ``order`` of the next unit to upload
+        self.bytes_up = 0
+        """Bytes copied to the working device so far (uploads of masters into slots)."""
+        self.bytes_down = 0
+        """Bytes copied back to the offloading device so far (write-backs of updated masters)."""
 
     def _event(self, stream=None) -> torch.cuda.Event | None:
         if not self.cuda:
@@ -59,6 +63,7 @@ class TransferScheduler:
     def _upload(self, unit: Unit) -> None:
         slot = self._free_slot()
         buffer = self.pool.buffers[slot][:unit.numel]
+        self.bytes_up += unit.numel * buffer.element_size()
         if not self.cuda:
             self._copy_in(unit, buffer)
             self._inflight[unit.index] = _Upload(slot, None)
@@ -105,6 +110,7 @@ class TransferScheduler:
 
     def write_back(self, unit: Unit, buffer: torch.Tensor) -> None:
         """Copy ``buffer`` (the unit's updated weights) back to its master once compute reaches here."""
+        self.bytes_down += unit.numel * buffer.element_size()
         if not self.cuda:
             self._copy_out(unit, buffer)
             return
