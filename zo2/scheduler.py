@@ -42,7 +42,8 @@ class TransferScheduler:
         self._host_ready: dict[int, torch.cuda.Event] = {}
         self._next = 0  # position in ``order`` of the next unit to upload
         self.bytes_up = 0
-        """Bytes copied to the working device so far (uploads of masters into slots)."""
+        """Bytes made resident in slots so far (with sliced transfers each rank copies 1/N of them from the
+        host and all-gathers the rest)."""
         self.bytes_down = 0
         """Bytes copied back to the offloading device so far (write-backs of updated masters)."""
 
