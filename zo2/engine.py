@@ -193,14 +193,12 @@ class ZOEngine:
 
     def _offloaded_blocks(self, unit_params: list[tuple[str, list[nn.Parameter]]]) -> list[int]:
         """Block indices to offload: the config's choice, or what ``gpu_memory_budget`` cannot hold."""
-        cfg, num_blocks = self.config, len(unit_params) - 2
-        if not cfg.zo2 or cfg.offloading_blocks is not None or cfg.gpu_memory_budget is None:
-            return cfg.offloaded_block_indices(num_blocks)
-        sizes = [plan.param_bytes(params, cfg.torch_storage_dtype) for _, params in unit_params]
-        resident = plan.resident_block_count(sizes[0] + sizes[-1], sizes[1:-1], cfg.gpu_memory_budget, cfg.num_slots)
-        logger.info("zo2 gpu_memory_budget %.2f GB: %d of %d blocks resident", cfg.gpu_memory_budget / 1e9,
-                    resident, num_blocks)
-        return list(range(resident, num_blocks))
+        sizes = [plan.param_bytes(params, self.config.torch_storage_dtype) for _, params in unit_params]
+        offloaded = plan.offloaded_blocks(self.config, sizes[0] + sizes[-1], sizes[1:-1])
+        if self.config.gpu_memory_budget is not None:
+            logger.info("zo2 gpu_memory_budget %.2f GB: %d of %d blocks offloaded",
+                        self.config.gpu_memory_budget / 1e9, len(offloaded), len(sizes) - 2)
+        return offloaded
 
     def _move_buffers(self) -> None:
         for module in self.model.modules():

@@ -123,6 +123,14 @@ def resident_block_count(fixed: int, blocks: Sequence[int], budget: int, num_slo
                       f"{num_slots} slots, two perturbed copies in flight); raise the budget or lower num_slots")
 
 
+def offloaded_blocks(config: ZOConfig, fixed: int, blocks: Sequence[int]) -> list[int]:
+    """Block indices to offload: ``config.offloading_blocks``, or with ``gpu_memory_budget`` set (and
+    no explicit choice) every block after the leading ones the budget holds."""
+    if not config.zo2 or config.offloading_blocks is not None or config.gpu_memory_budget is None:
+        return config.offloaded_block_indices(len(blocks))
+    return list(range(resident_block_count(fixed, blocks, config.gpu_memory_budget, config.num_slots), len(blocks)))
+
+
 def _dims(config) -> dict[str, int]:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = int(text.hidden_size)
@@ -212,10 +220,7 @@ def make_plan(model: nn.Module, config: ZOConfig, *, batch_size: int = 1, seq_le
     dtype = config.torch_storage_dtype
     fixed, blocks = unit_bytes(model, dtype)
     n = len(blocks)
-    if config.zo2 and config.offloading_blocks is None and config.gpu_memory_budget is not None:
-        offloaded = set(range(resident_block_count(fixed, blocks, config.gpu_memory_budget, config.num_slots), n))
-    else:
-        offloaded = set(config.offloaded_block_indices(n))
+    offloaded = set(offloaded_blocks(config, fixed, blocks))
     streamed = [b for i, b in enumerate(blocks) if i in offloaded]
     resident_bytes = [b for i, b in enumerate(blocks) if i not in offloaded]
     working = working_bytes(fixed, resident_bytes, streamed, config.num_slots)
