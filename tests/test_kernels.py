@@ -81,6 +81,27 @@ def test_update_and_perturb_matches_the_torch_path(dtype, kind, n, n_decay, sign
             assert _within_one_step(got, want)
 
 
+@pytest.mark.parametrize("path", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("start,length", [(1499, 700), (3, 129), (2048, 953), (0, 1500)])
+def test_a_slice_gets_the_bits_it_gets_within_the_whole_unit(path, dtype, kind, start, length):
+    """Module-scoped perturbation updates and perturbs one parameter's slice at its absolute offset:
+    z, the decay mask (the prefix [0, 1500) here) and the rounding draws follow the absolute index."""
+    impl = optim if path == "torch" else kernels
+    whole = _buffer(3001, dtype).to(DEVICE)
+    part = whole[start:start + length].clone()
+    kwargs = dict(noise_kind=kind, weight_decay=0.1, signs=(1, -1))
+    expected = impl.update_and_perturb(whole, _unit(whole, 1500), UPDATES, 77, 1e-3, **kwargs)
+    actual = impl.update_and_perturb(part, _unit(whole, 1500), UPDATES, 77, 1e-3, offset=start, **kwargs)
+    for got, want in zip([part, *actual], [whole, *expected]):
+        assert torch.equal(got, want[start:start + length])
+    again = whole[start:start + length].clone()
+    impl.apply_updates(again, _unit(whole, 1500), UPDATES[:1], noise_kind=kind, weight_decay=0.1, offset=start)
+    impl.apply_updates(whole, _unit(whole, 1500), UPDATES[:1], noise_kind=kind, weight_decay=0.1)
+    assert torch.equal(again, whole[start:start + length])
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_apply_updates_matches_the_torch_path(dtype):

@@ -127,22 +127,26 @@ def _stochastic_round(x, u, DTYPE: tl.constexpr):
     return tl.where(u * tl.abs(gap) < tl.abs(error), neighbour, nearest)
 
 
-@triton.jit(do_not_specialize=["n_updates", "unit"])
-def update_perturb_kernel(buf_ptr, plus_ptr, minus_ptr, seeds_ptr, coefs_ptr, decays_ptr, n_updates, n, n_decay,
-                          unit, eps, KIND: tl.constexpr, UPDATE: tl.constexpr, ROUND: tl.constexpr,
+@triton.jit(do_not_specialize=["n_updates", "unit", "base"])
+def update_perturb_kernel(buf_ptr, plus_ptr, minus_ptr, seeds_ptr, coefs_ptr, decays_ptr, n_updates, n, base,
+                          n_decay, unit, eps, KIND: tl.constexpr, UPDATE: tl.constexpr, ROUND: tl.constexpr,
                           PLUS: tl.constexpr, MINUS: tl.constexpr, BLOCK: tl.constexpr):
     """Apply ``n_updates`` updates to ``buf`` in place, then write buf + eps*z and/or buf - eps*z.
 
+    ``buf`` holds the unit's elements [base, base + n); program p covers the absolute elements
+    [first + p * BLOCK, first + (p + 1) * BLOCK), first = base rounded down to a multiple of BLOCK,
+    so z and the decay mask depend on the absolute index only.
     Update i: x <- x * decays[i] on [0, n_decay), then x <- x + coefs[i] * z(seeds[i]), rounded
     stochastically (uniform of seeds[i] on the rounding stream) when ROUND; the perturbation uses
     z(seeds[n_updates]). z never leaves registers; the buffer is read once and written at most once.
     """
-    start = tl.program_id(0).to(tl.int64) * BLOCK
-    offsets = start + tl.arange(0, BLOCK)
-    inside = offsets < n
+    start = (base - base % BLOCK) + tl.program_id(0).to(tl.int64) * BLOCK
+    absolute = start + tl.arange(0, BLOCK)
+    offsets = absolute - base
+    inside = (offsets >= 0) & (offsets < n)
     x = _to_float32(tl.load(buf_ptr + offsets, mask=inside, other=0.0))
     if UPDATE:
-        decayed = offsets < n_decay
+        decayed = absolute < n_decay
         for i in range(n_updates):
             seed = tl.load(seeds_ptr + i)
             x = tl.where(decayed, x * tl.load(decays_ptr + i), x)

@@ -92,7 +92,7 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _launch(buffer: torch.Tensor, unit: Unit, updates: Sequence[Update], seed: int | None, eps: float,
-            outputs: dict[int, torch.Tensor], noise_kind: str, weight_decay: float) -> None:
+            outputs: dict[int, torch.Tensor], noise_kind: str, weight_decay: float, offset: int) -> None:
     if buffer.dtype not in DTYPES:
         raise ValueError(f"the Triton kernel takes {[str(d) for d in DTYPES]} buffers, got {buffer.dtype}; "
                          f"set {SWITCH}=torch for other dtypes")
@@ -105,26 +105,27 @@ def _launch(buffer: torch.Tensor, unit: Unit, updates: Sequence[Update], seed: i
         return
     module = _triton()
     seeds, coefs, decays = _parameters(tuple(updates), seed, float(weight_decay), buffer.device)
-    module.update_perturb_kernel[(_cdiv(n, BLOCK),)](
-        buffer, outputs.get(1, buffer), outputs.get(-1, buffer), seeds, coefs, decays, len(updates), n,
+    module.update_perturb_kernel[(_cdiv(offset % BLOCK + n, BLOCK),)](
+        buffer, outputs.get(1, buffer), outputs.get(-1, buffer), seeds, coefs, decays, len(updates), n, offset,
         unit.n_decay, unit.index, float(eps), KIND=module.KINDS[noise_kind], UPDATE=bool(updates),
         ROUND=buffer.dtype != torch.float32, PLUS=1 in outputs, MINUS=-1 in outputs, BLOCK=BLOCK)
 
 
 def update_and_perturb(buffer: torch.Tensor, unit: Unit, updates: Sequence[Update], seed: int, eps: float, *,
-                       noise_kind: str, weight_decay: float, signs: Sequence[int] = (1, -1)) -> list[torch.Tensor]:
+                       noise_kind: str, weight_decay: float, signs: Sequence[int] = (1, -1),
+                       offset: int = 0) -> list[torch.Tensor]:
     """:func:`zo2.optim.update_and_perturb` in one Triton launch: returns ``buffer + sign*eps*z`` per sign."""
     if any(sign not in (1, -1) for sign in signs) or len(set(signs)) != len(signs):
         raise ValueError(f"signs must be distinct values of +1 and -1, got {tuple(signs)}")
     outputs = {sign: torch.empty_like(buffer) for sign in signs}
-    _launch(buffer, unit, updates, seed, eps, outputs, noise_kind, weight_decay)
+    _launch(buffer, unit, updates, seed, eps, outputs, noise_kind, weight_decay, offset)
     return [outputs[sign] for sign in signs]
 
 
 def apply_updates(buffer: torch.Tensor, unit: Unit, updates: Sequence[Update], *, noise_kind: str,
-                  weight_decay: float) -> None:
+                  weight_decay: float, offset: int = 0) -> None:
     """:func:`zo2.optim.apply_updates` in one Triton launch (all updates applied per element in order)."""
-    _launch(buffer, unit, updates, None, 0.0, {}, noise_kind, weight_decay)
+    _launch(buffer, unit, updates, None, 0.0, {}, noise_kind, weight_decay, offset)
 
 
 def generate(kind: str, seed: int, unit: int, start: int, count: int, *, stream: int = noise.PERTURBATION_STREAM,

@@ -61,33 +61,40 @@ def _update_chunk(chunk: torch.Tensor, offset: int, unit: Unit, update: Update, 
 
 
 def apply_updates(buffer: torch.Tensor, unit: Unit, updates: Sequence[Update], *, noise_kind: str,
-                  weight_decay: float) -> None:
-    """Apply ``updates`` in order, in place, to ``buffer`` (laid out like ``unit.master``)."""
+                  weight_decay: float, offset: int = 0) -> None:
+    """Apply ``updates`` in order, in place, to ``buffer``: elements [offset, offset + numel) of a
+    tensor laid out like ``unit.master``."""
     if kernels.use_triton(buffer):
-        kernels.apply_updates(buffer, unit, updates, noise_kind=noise_kind, weight_decay=weight_decay)
+        kernels.apply_updates(buffer, unit, updates, noise_kind=noise_kind, weight_decay=weight_decay, offset=offset)
         return
-    for offset, length in noise.chunks(0, buffer.numel(), noise.chunk_size(buffer.device)):
+    for start, length in noise.chunks(offset, buffer.numel(), noise.chunk_size(buffer.device)):
         for update in updates:
-            _update_chunk(buffer[offset:offset + length], offset, unit, update, noise_kind, weight_decay)
+            _update_chunk(buffer[start - offset:start - offset + length], start, unit, update, noise_kind,
+                          weight_decay)
 
 
 def update_and_perturb(buffer: torch.Tensor, unit: Unit, updates: Sequence[Update], seed: int, eps: float, *,
-                       noise_kind: str, weight_decay: float, signs: Sequence[int] = (1, -1)) -> list[torch.Tensor]:
+                       noise_kind: str, weight_decay: float, signs: Sequence[int] = (1, -1),
+                       offset: int = 0) -> list[torch.Tensor]:
     """Apply pending ``updates`` to ``buffer`` in place, then return ``buffer + sign*eps*z`` per sign.
 
+    ``buffer`` holds elements [offset, offset + numel) of a tensor laid out like ``unit.master`` (one
+    parameter's slice, for module-scoped perturbation); z and the decay mask follow the absolute
+    element index, so a slice gets exactly the bits it would get as part of the whole unit.
     One pass over the buffer: each chunk is updated and perturbed while it is hot in cache.
     """
     if kernels.use_triton(buffer):
         return kernels.update_and_perturb(buffer, unit, updates, seed, eps, noise_kind=noise_kind,
-                                          weight_decay=weight_decay, signs=signs)
+                                          weight_decay=weight_decay, signs=signs, offset=offset)
     perturbed = [torch.empty_like(buffer) for _ in signs]
-    for offset, length in noise.chunks(0, buffer.numel(), noise.chunk_size(buffer.device)):
-        chunk = buffer[offset:offset + length]
+    for start, length in noise.chunks(offset, buffer.numel(), noise.chunk_size(buffer.device)):
+        local = slice(start - offset, start - offset + length)
+        chunk = buffer[local]
         for update in updates:
-            _update_chunk(chunk, offset, unit, update, noise_kind, weight_decay)
-        z = noise.generate(noise_kind, seed, unit.index, offset, length, device=buffer.device)
+            _update_chunk(chunk, start, unit, update, noise_kind, weight_decay)
+        z = noise.generate(noise_kind, seed, unit.index, start, length, device=buffer.device)
         base = chunk.float() if chunk.dtype in _LOW_PRECISION else chunk
         z = z.to(base.dtype)
         for out, sign in zip(perturbed, signs):
-            out[offset:offset + length] = torch.add(base, z, alpha=sign * eps)
+            out[local] = torch.add(base, z, alpha=sign * eps)
     return perturbed
