@@ -108,7 +108,7 @@ def build_model(size: str, dtype: torch.dtype, depth: int | None):
 def _config(mode: str, args: argparse.Namespace, budget: str | None) -> ZOConfig:
     return ZOConfig(zo2=mode != "resident", working_device=args.device, lr=1e-7, eps=1e-3,
                     write_back_every=args.write_back_every if mode == "offloaded-skip" else 1,
-                    num_slots=args.num_slots, gpu_memory_budget=budget)
+                    num_slots=args.num_slots, gpu_memory_budget=budget, perturbation_scope=args.perturbation_scope)
 
 
 def _device_used() -> int:
@@ -145,7 +145,7 @@ def run_case(size: str, mode: str, budget: str | None, args: argparse.Namespace,
         times.append(time.perf_counter() - start)
     median = statistics.median(times[args.warmup:])
     floor = plan.step_floor_s
-    return {"size": size, "mode": mode, "budget": budget, "dtype": args.dtype, "batch": args.batch, "seq": args.seq,
+    return {"size": size, "mode": mode, "scope": engine.scope, "budget": budget, "dtype": args.dtype, "batch": args.batch, "seq": args.seq,
             "depth": args.depth or OPT_SHAPES[size][1], "params": sum(u.numel for u in engine.units),
             "resident_blocks": sum(not u.offloaded for u in engine.units) - 2, "median_step_s": median,
             "first_step_s": times[0], "tokens_per_s": args.batch * args.seq / median,
@@ -170,7 +170,7 @@ def markdown(rows: list[dict]) -> str:
              "| moved/step (GB) | GPU alloc (MiB) | GPU used (MiB) | host RSS / weights |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        mode = r["mode"] + (f" @ {r['budget']}" if r["budget"] else "")
+        mode = f"{r['mode']} ({r.get('scope', '?')} scope)" + (f" @ {r['budget']}" if r["budget"] else "")
         ratio = f"{r['measured_over_floor']:.2f}" if r["measured_over_floor"] else "-"
         lines.append(f"| {r['size']} (depth {r['depth']}) | {mode} | {r['resident_blocks']} | {r['median_step_s']:.3f} | "
                      f"{r['first_step_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['floor_s']:.3f} | {ratio} | "
@@ -211,6 +211,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--depth", type=int, default=None, help="cut every model to this many blocks")
     parser.add_argument("--write-back-every", type=int, default=4, help="k of the offloaded-skip mode")
     parser.add_argument("--num-slots", type=int, default=2)
+    parser.add_argument("--perturbation-scope", default="auto", choices=["auto", "unit", "module"],
+                        help="ZOConfig.perturbation_scope (auto: module when blocks stream, else unit)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -222,6 +224,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _forward_args(args: argparse.Namespace) -> list[str]:
     flags = ["--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch), "--seq", str(args.seq),
              "--write-back-every", str(args.write_back_every), "--num-slots", str(args.num_slots),
+             "--perturbation-scope", args.perturbation_scope,
              "--warmup", str(args.warmup), "--steps", str(args.steps)]
     return flags + (["--depth", str(args.depth)] if args.depth else [])
 

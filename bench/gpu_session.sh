@@ -4,6 +4,7 @@
 #   bash bench/gpu_session.sh small   # OPT 1.3B/2.7B: resident, offloaded, offloaded-skip, budget sweep
 #   bash bench/gpu_session.sh large   # OPT 6.7B/13B
 #   bash bench/gpu_session.sh huge    # OPT 30B, and 66B/175B cut to 4 blocks
+#   bash bench/gpu_session.sh scopes  # OPT 13B offloaded, unit scope (the default, module scope, is in "large")
 # Results go to $OUT (or bench/results/gpu) as JSON + markdown (+ budget.png).
 set -euo pipefail
 # the working tree's zo2, without installing anything (the GPU machine's torch/transformers stay as they are)
@@ -24,5 +25,8 @@ case "${1:-check}" in
   huge)
     python bench/bench.py --device cuda --sizes 30b --modes offloaded offloaded-skip --out "$out/huge"
     python bench/bench.py --device cuda --sizes 66b 175b --depth 4 --modes offloaded --out "$out/cut" ;;
-  *) echo "usage: $0 check|small|large|huge" >&2; exit 2 ;;
+  scopes)
+    python bench/bench.py --device cuda --sizes 13b --modes offloaded offloaded-skip --perturbation-scope unit \
+      --out "$out/unit-scope" ;;
+  *) echo "usage: $0 check|small|large|huge|scopes" >&2; exit 2 ;;
 esac

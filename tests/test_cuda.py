@@ -50,3 +50,28 @@ def test_gpu_memory_budget_places_blocks_on_cuda():
     engine = ZOEngine(make_model("llama", num_hidden_layers=6), ZOConfig(working_device="cuda", gpu_memory_budget="1GB"))
     assert not any(u.offloaded for u in engine.units)
     assert all(u.master.is_cuda for u in engine.units)
+
+
+@pytest.mark.parametrize("zo2", [False, True])
+def test_module_scope_lowers_the_allocator_peak_on_cuda(zo2):
+    """Unit scope allocates both perturbed copies of a block; module scope one matrix at a time."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ids = torch.randint(0, 512, (1, 16))
+    peaks, results = {}, []
+    for scope in ("unit", "module"):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=1024, intermediate_size=4096,
+                                             num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=8))
+        block = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+        engine = ZOEngine(model, ZOConfig(working_device="cuda", zo2=zo2, perturbation_scope=scope))
+        engine.step({"input_ids": ids, "labels": ids})
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        engine.step({"input_ids": ids, "labels": ids})
+        peaks[scope] = torch.cuda.max_memory_allocated() - base
+        results.append(masters(engine))
+        del engine, model
+    assert torch.equal(*results)
+    assert peaks["module"] < peaks["unit"] - block, peaks

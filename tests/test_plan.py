@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from zo2 import ZOConfig, ZOEngine, ZOConfigError
-from zo2.plan import BudgetError, make_plan, meta_model, opt_config, resident_block_count, working_bytes
+from zo2.plan import (BudgetError, make_plan, meta_model, model_sizes, opt_config, perturbed_bytes,
+                      resident_block_count, working_bytes)
 from conftest import make_batch, make_model, masters
 
 
@@ -24,10 +25,7 @@ def test_plan_predicts_the_engines_weight_bytes_exactly(arch):
 
 def test_budget_keeps_the_leading_blocks_that_fit_resident():
     model = make_model("llama", num_hidden_layers=6)
-    probe = ZOEngine(make_model("llama", num_hidden_layers=6), ZOConfig(working_device="cpu", zo2=False))
-    sizes = _unit_bytes(probe)
-    fixed, blocks = sizes[0] + sizes[-1], sizes[1:-1]
-    budget = working_bytes(fixed, blocks[:3], blocks[3:], 2)  # three resident, three streamed, two slots
+    budget = working_bytes(model_sizes(model), range(3, 6), 2, "module")  # three resident, three streamed, two slots
     engine = ZOEngine(model, ZOConfig(working_device="cpu", gpu_memory_budget=budget))
     assert [u.offloaded for u in engine.units[1:-1]] == [False] * 3 + [True] * 3
     assert make_plan(make_model("llama", num_hidden_layers=6),
@@ -40,8 +38,7 @@ def test_budget_keeps_the_leading_blocks_that_fit_resident():
 
 def test_budget_placement_trains_like_resident():
     batch = make_batch()
-    sizes = _unit_bytes(ZOEngine(make_model("llama", num_hidden_layers=4), ZOConfig(working_device="cpu", zo2=False)))
-    budget = working_bytes(sizes[0] + sizes[-1], sizes[1:2], sizes[2:-1], 2)
+    budget = working_bytes(model_sizes(make_model("llama", num_hidden_layers=4)), range(1, 4), 2, "module")
     budgeted = ZOEngine(make_model("llama", num_hidden_layers=4), ZOConfig(working_device="cpu", lr=1e-2,
                                                                             gpu_memory_budget=budget))
     resident = ZOEngine(make_model("llama", num_hidden_layers=4), ZOConfig(working_device="cpu", lr=1e-2, zo2=False))
@@ -53,7 +50,7 @@ def test_budget_placement_trains_like_resident():
 
 def test_too_small_a_budget_is_a_clear_error():
     with pytest.raises(BudgetError, match="gpu_memory_budget"):
-        resident_block_count(fixed=10, blocks=[100, 100], budget=50, num_slots=2)
+        resident_block_count(model_sizes(make_model("llama")), 50, ZOConfig(working_device="cpu"))
     with pytest.raises(BudgetError, match="below"):
         ZOEngine(make_model("llama"), ZOConfig(working_device="cpu", gpu_memory_budget="1KB"))
     with pytest.raises(ZOConfigError, match="gpu_memory_budget"):
@@ -89,3 +86,21 @@ def test_plan_command_prints_the_table_and_json(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["plan", "--model", "opt-1.3b", "--gpu-memory-budget", "1KB"])
     assert exit_info.value.code == 2 and "below" in capsys.readouterr().err
+
+
+def test_module_scope_needs_less_memory_and_places_more_blocks():
+    """Module scope holds one module's matrices perturbed instead of both copies of whole units, so the
+    same budget keeps more blocks resident (what ``auto`` picks once anything streams)."""
+    model = make_model("llama-tied", num_hidden_layers=6)
+    sizes = model_sizes(model)
+    matrices = max(p.numel() * 4 for p in model.parameters() if p.dim() >= 2)
+    assert sizes.module_matrices == matrices  # the tied embedding is the largest matrix here
+    assert perturbed_bytes(sizes, "module") < perturbed_bytes(sizes, "unit") / 2
+    budget = working_bytes(sizes, range(3, 6), 2, "module")
+    placed = {scope: make_plan(model, ZOConfig(working_device="cpu", gpu_memory_budget=budget,
+                                                perturbation_scope=scope)).resident_blocks
+              for scope in ("unit", "module", "auto")}
+    assert placed["module"] == placed["auto"] == 3 > placed["unit"]
+    engine = ZOEngine(make_model("llama-tied", num_hidden_layers=6),
+                      ZOConfig(working_device="cpu", gpu_memory_budget=budget))
+    assert engine.scope == "module" and sum(not u.offloaded for u in engine.units[1:-1]) == 3

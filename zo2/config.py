@@ -10,6 +10,7 @@ import torch
 
 METHODS = ("mezo-sgd",)
 NOISE_KINDS = ("gaussian", "rademacher")
+PERTURBATION_SCOPES = ("auto", "unit", "module")
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                   "float64": torch.float64}
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
@@ -97,6 +98,14 @@ class ZOConfig:
     num_slots: int = 2
     """Reusable working-device buffers for offloaded blocks, each as large as the largest block:
     ``num_slots - 1`` blocks are uploaded ahead of the one being computed (>= 1)."""
+    perturbation_scope: Literal["auto", "unit", "module"] = "auto"
+    """How much of the model exists perturbed at once. ``"unit"``: a unit's +eps and -eps copies are
+    written once per walk from one z (two copies of a block in memory, z generated once).
+    ``"module"``: each weight matrix is perturbed by the module that owns it, for each half, right
+    before that module runs (one matrix in memory, z generated twice; vectors stay per unit).
+    ``"auto"``: ``"module"`` when any block is offloaded (memory-bound), else ``"unit"``. Same bits
+    either way. Models whose code reads a weight matrix outside its own module (rare; detected at
+    start-up) use ``"unit"``."""
     write_back_every: int = 1
     """Write an offloaded block's updated master back every k steps; in between the host master lags and
     its pending updates are replayed from their seeds on each upload (k-1 of k device-to-host copies
@@ -128,6 +137,8 @@ class ZOConfig:
             raise _bad("method", self.method, f"one of {list(METHODS)}")
         if self.noise not in NOISE_KINDS:
             raise _bad("noise", self.noise, f"one of {list(NOISE_KINDS)}")
+        if self.perturbation_scope not in PERTURBATION_SCOPES:
+            raise _bad("perturbation_scope", self.perturbation_scope, f"one of {list(PERTURBATION_SCOPES)}")
         for name in ("lr", "eps", "weight_decay"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

@@ -26,7 +26,7 @@ from .config import ZOConfig
 from .optim import Update, apply_updates, update_and_perturb
 from .scheduler import TransferScheduler
 from .storage import SlotPool, Unit, build_unit
-from .models import Member, find_partition
+from .models import Member, UnsupportedModelError, find_partition
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +83,25 @@ class StepResult:
 
 
 @dataclass
+class _Matrix:
+    """A weight matrix perturbed by its owner module's own call (module-scoped perturbation)."""
+
+    param: nn.Parameter
+    unit: Unit
+    k: int
+    home: torch.Tensor
+    """Its view into the master, pointed back at after the call so the perturbed copy can be freed."""
+
+
+@dataclass
 class _Wrapped:
     member: Member
     forward: Callable
     refs: list[tuple[nn.Parameter, Unit, int]]
     units: list[Unit]
+    matrices: list[_Matrix]
+    """Module scope: the weight matrices the member module owns itself (perturbed per half here, as
+    module hooks would fire once around both halves)."""
 
 
 class _Walk:
@@ -95,7 +109,12 @@ class _Walk:
 
     def __init__(self, seed: int, signs: tuple[int, ...], half: int, specs: dict[str, dual.MemberSpec]) -> None:
         self.seed, self.signs, self.half, self.specs = seed, signs, half, specs
-        self.views: dict[int, list[list[torch.Tensor]]] = {}
+        self.side = 0
+        """Index into ``signs`` of the half being computed."""
+        self.views: dict[int, list[list[torch.Tensor | None]]] = {}
+        """Per unit in flight, per side: each parameter's perturbed view (None: a matrix perturbed by its module)."""
+        self.buffers: dict[int, torch.Tensor] = {}
+        """Module scope: the updated weights of each unit in flight, which matrices are perturbed from."""
         self.readers_left: dict[int, int] = {}
 
 
@@ -132,7 +151,14 @@ class ZOEngine:
         self._walk: _Walk | None = None
         self._calibration: dual.Calibration | None = None
         partition = find_partition(model)
+        if config.perturbation_scope == "module" and not partition.matrices_read_by_owner:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} reads a weight matrix outside the module that owns it, so "
+                "ZOConfig.perturbation_scope='module' cannot perturb it there; use 'unit' or 'auto'")
         self.units = self._place(partition)
+        self.scope = self._choose_scope(partition.matrices_read_by_owner)
+        """``"unit"`` or ``"module"``: the resolved ``ZOConfig.perturbation_scope``."""
+        self._hooks: list = []
         self._wrapped = self._wrap_members(partition)
         self._readers = {unit.index: sum(unit in entry.units for entry in self._wrapped) for unit in self.units}
         offloaded = [u for u in self.units if u.offloaded]
@@ -160,7 +186,7 @@ class ZOEngine:
         """Build every unit's flat master, one unit at a time (never two copies of the model)."""
         cfg = self.config
         unit_params = self._unit_params(partition)
-        offload = {i + 1 for i in self._offloaded_blocks(unit_params)}
+        offload = {i + 1 for i in self._offloaded_blocks(partition.matrices_read_by_owner)}
         offload_device = torch.device(cfg.offloading_device)
         pin = self.device.type == "cuda" and offload_device.type == "cpu"
         units = []
@@ -191,14 +217,21 @@ class ZOEngine:
             units.append((name, params))
         return units
 
-    def _offloaded_blocks(self, unit_params: list[tuple[str, list[nn.Parameter]]]) -> list[int]:
+    def _offloaded_blocks(self, module_scope_ok: bool) -> list[int]:
         """Block indices to offload: the config's choice, or what ``gpu_memory_budget`` cannot hold."""
-        sizes = [plan.param_bytes(params, self.config.torch_storage_dtype) for _, params in unit_params]
-        offloaded = plan.offloaded_blocks(self.config, sizes[0] + sizes[-1], sizes[1:-1])
+        sizes = plan.model_sizes(self.model, self.config.torch_storage_dtype)
+        offloaded = plan.offloaded_blocks(self.config, sizes, module_scope_ok)
         if self.config.gpu_memory_budget is not None:
             logger.info("zo2 gpu_memory_budget %.2f GB: %d of %d blocks offloaded",
-                        self.config.gpu_memory_budget / 1e9, len(offloaded), len(sizes) - 2)
+                        self.config.gpu_memory_budget / 1e9, len(offloaded), len(sizes.blocks))
         return offloaded
+
+    def _choose_scope(self, module_scope_ok: bool) -> str:
+        streams = any(u.offloaded for u in self.units)
+        if streams and not module_scope_ok and self.config.perturbation_scope == "auto":
+            logger.info("zo2: %s reads weight matrices outside their modules; perturbing whole units",
+                        type(self.model).__name__)
+        return plan.resolve_scope(self.config, streams, module_scope_ok)
 
     def _move_buffers(self) -> None:
         for module in self.model.modules():
@@ -208,15 +241,54 @@ class ZOEngine:
 
     def _wrap_members(self, partition) -> list[_Wrapped]:
         owner = {id(p): (unit, k) for unit in self.units for k, p in enumerate(unit.params)}
-        wrapped = []
+        wrapped, hooked = [], set()
         for _, members in partition.unit_members():
             for member in members:
                 refs = [(p, *owner[id(p)]) for p in member.module.parameters()]
                 units = list({id(u): u for _, u, _ in refs}.values())
-                entry = _Wrapped(member, member.module.forward, refs, units)
+                entry = _Wrapped(member, member.module.forward, refs, units, [])
+                if self.scope == "module":
+                    entry.matrices = self._matrices_of(member.module, owner)
+                    self._hook_matrix_owners(member.module, owner, hooked)
                 member.module.forward = self._make_forward(entry)
                 wrapped.append(entry)
         return wrapped
+
+    @staticmethod
+    def _matrices_of(module: nn.Module, owner: dict) -> list[_Matrix]:
+        """The weight matrices ``module`` owns directly (not through submodules)."""
+        return [_Matrix(p, *owner[id(p)], p.data) for p in module.parameters(recurse=False) if p.dim() >= 2]
+
+    def _hook_matrix_owners(self, member_module: nn.Module, owner: dict, hooked: set[int]) -> None:
+        """Module scope: every module below a member that owns weight matrices perturbs them for the
+        half being computed when it is called, and lets the perturbed copies go when it returns."""
+        for module in member_module.modules():
+            matrices = self._matrices_of(module, owner)
+            if module is member_module or not matrices or id(module) in hooked:
+                continue
+            hooked.add(id(module))
+            self._hooks.append(module.register_forward_pre_hook(
+                lambda m, args, matrices=matrices: self._perturb_matrices(matrices)))
+            self._hooks.append(module.register_forward_hook(
+                lambda m, args, out, matrices=matrices: self._release_matrices(matrices), always_call=True))
+
+    def _perturb_matrices(self, matrices: list[_Matrix]) -> None:
+        walk = self._walk
+        if walk is None:
+            return
+        sign = walk.signs[walk.side]
+        for matrix in matrices:
+            start, size = matrix.unit.offsets[matrix.k], matrix.param.numel()
+            weights = walk.buffers[matrix.unit.index][start:start + size]
+            [perturbed] = update_and_perturb(weights, matrix.unit, (), walk.seed, self.config.eps, signs=(sign,),
+                                             noise_kind=self.config.noise, weight_decay=self.config.weight_decay,
+                                             offset=start)
+            matrix.param.data = perturbed.view(matrix.param.shape)
+
+    def _release_matrices(self, matrices: list[_Matrix]) -> None:
+        if self._walk is not None:
+            for matrix in matrices:
+                matrix.param.data = matrix.home
 
     def _make_forward(self, entry: _Wrapped) -> Callable:
         def forward(*args, **kwargs):
@@ -288,26 +360,39 @@ class ZOEngine:
             self._calibration.record(entry.member.name, args, kwargs, output)
         return output
 
-    def _ready(self, unit: Unit) -> list[list[torch.Tensor]]:
-        """The unit's parameter views under each sign of this walk; the first call of a step applies
-        the pending update fused with the new perturbation."""
+    def _ready(self, unit: Unit) -> None:
+        """Make the unit's perturbed weights of this walk available; the first call of a step applies
+        the pending update fused with the new perturbation (of the whole unit in unit scope, of its
+        vectors in module scope: matrices are perturbed by their modules from ``walk.buffers``)."""
         walk = self._walk
-        if unit.index not in walk.views:
-            updates = self.history[unit.applied:]
-            buffer = self._scheduler.acquire(unit) if unit.offloaded else unit.master
+        if unit.index in walk.views:
+            return
+        updates = self.history[unit.applied:]
+        buffer = self._scheduler.acquire(unit) if unit.offloaded else unit.master
+        kwargs = dict(noise_kind=self.config.noise, weight_decay=self.config.weight_decay)
+        if self.scope == "unit":
             perturbed = update_and_perturb(buffer, unit, updates, walk.seed, self.config.eps, signs=walk.signs,
-                                           noise_kind=self.config.noise, weight_decay=self.config.weight_decay)
-            if not unit.offloaded:
+                                           **kwargs)
+            walk.views[unit.index] = [unit.views(copy) for copy in perturbed]
+        else:
+            if updates:
+                apply_updates(buffer, unit, updates, **kwargs)
+            vectors = update_and_perturb(buffer[unit.n_decay:], unit, (), walk.seed, self.config.eps,
+                                         signs=walk.signs, offset=unit.n_decay, **kwargs)
+            walk.views[unit.index] = [[None if start < unit.n_decay else copy[start - unit.n_decay:][:p.numel()]
+                                       .view(p.shape) for p, start in zip(unit.params, unit.offsets)]
+                                      for copy in vectors]
+            walk.buffers[unit.index] = buffer
+        if not unit.offloaded:
+            unit.applied = len(self.history)
+        else:
+            # the host master may lag: its pending updates are replayed on every upload until due
+            if len(updates) >= self.config.write_back_every * self.config.num_directions:
+                self._scheduler.write_back(unit, buffer)
                 unit.applied = len(self.history)
-            else:
-                # the host master may lag: its pending updates are replayed on every upload until due
-                if len(updates) >= self.config.write_back_every * self.config.num_directions:
-                    self._scheduler.write_back(unit, buffer)
-                    unit.applied = len(self.history)
+            if self.scope == "unit":  # module scope reads the slot until the unit's last reader is done
                 self._scheduler.release(unit)
-            walk.views[unit.index] = [unit.views(buffer) for buffer in perturbed]
-            walk.readers_left[unit.index] = self._readers[unit.index]
-        return walk.views[unit.index]
+        walk.readers_left[unit.index] = self._readers[unit.index]
 
     def _dual_member(self, entry: _Wrapped, args: tuple, kwargs: dict) -> Any:
         walk, name = self._walk, entry.member.name
@@ -321,14 +406,20 @@ class ZOEngine:
             halves = [first, second]
         outputs = []
         for side, (half_args, half_kwargs) in enumerate(halves):
+            walk.side = side
             for param, unit, k in entry.refs:
-                param.data = walk.views[unit.index][side][k]
+                view = walk.views[unit.index][side][k]
+                if view is not None:
+                    param.data = view
+            self._perturb_matrices(entry.matrices)
             outputs.append(entry.forward(*half_args, **half_kwargs))
         for unit in entry.units:
             unit.point_params_at(unit.master)
             walk.readers_left[unit.index] -= 1
             if walk.readers_left[unit.index] == 0:  # last reader done: free the perturbed buffers
                 del walk.views[unit.index]
+                if walk.buffers.pop(unit.index, None) is not None and unit.offloaded:
+                    self._scheduler.release(unit)
         if len(outputs) == 1:
             return outputs[0]
         return dual.merge_outputs(spec, outputs[0], outputs[1], walk.half, was_split, name)
@@ -472,7 +563,9 @@ class ZOEngine:
         self.flush()
         for entry in self._wrapped:
             del entry.member.module.forward
-        self._wrapped = []
+        for handle in self._hooks:
+            handle.remove()
+        self._wrapped, self._hooks = [], []
         return self.model
 
     def bytes_moved(self) -> tuple[int, int]:
@@ -483,7 +576,7 @@ class ZOEngine:
 
     def describe(self) -> str:
         """A table of the units: name, parameters, dtype and where the master lives."""
-        rows = [f"{'unit':<14}{'params':>14}  {'dtype':<10}where"]
+        rows = [f"perturbation scope: {self.scope}", f"{'unit':<14}{'params':>14}  {'dtype':<10}where"]
         for unit in self.units:
             where = f"{unit.master.device} (offloaded)" if unit.offloaded else f"{unit.master.device} (resident)"
             rows.append(f"{unit.name:<14}{unit.numel:>14,}  {str(unit.master.dtype).replace('torch.', ''):<10}{where}")

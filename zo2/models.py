@@ -32,6 +32,9 @@ class Partition:
     """The units of a model in execution order, as lists of member modules."""
 
     blocks_name: str
+    matrices_read_by_owner: bool = True
+    """Whether every weight matrix (parameter of 2+ dims) is read only while the module owning it runs:
+    what module-scoped perturbation needs (checked by the probe forward)."""
     embedding: list[Member] = field(default_factory=list)
     blocks: list[Member] = field(default_factory=list)
     head: list[Member] = field(default_factory=list)
@@ -99,6 +102,47 @@ def _probe_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
+def _matrix_owners(model: nn.Module) -> list[tuple[nn.Module, list[nn.Parameter]]]:
+    owners = []
+    for module in model.modules():
+        matrices = [p for p in module.parameters(recurse=False) if p.dim() >= 2]
+        if matrices:
+            owners.append((module, matrices))
+    return owners
+
+
+class _MatricesHiddenOutsideOwners:
+    """While active, a weight matrix holds its data only during its owner module's call and is an empty
+    tensor otherwise, so a forward that reads it anywhere else fails instead of reading it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.owners = _matrix_owners(model)
+        self.data = {id(p): p.data for _, params in self.owners for p in params}
+        self.handles: list = []
+
+    def _show(self, params: list[nn.Parameter]) -> None:
+        for param in params:
+            param.data = self.data[id(param)]
+
+    def _hide(self, params: list[nn.Parameter]) -> None:
+        for param in params:
+            param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+
+    def __enter__(self) -> "_MatricesHiddenOutsideOwners":
+        for module, params in self.owners:
+            self.handles.append(module.register_forward_pre_hook(lambda m, a, params=params: self._show(params)))
+            self.handles.append(module.register_forward_hook(lambda m, a, o, params=params: self._hide(params),
+                                                             always_call=True))
+            self._hide(params)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        for _, params in self.owners:
+            self._show(params)
+
+
 @torch.no_grad()
 def find_partition(model: nn.Module, probe_inputs: dict | None = None) -> Partition:
     """Partition ``model`` into units by running one hooked forward on a tiny input.
@@ -122,8 +166,19 @@ def find_partition(model: nn.Module, probe_inputs: dict | None = None) -> Partit
     handles = [module.register_forward_pre_hook(recorder(name)) for name, module in watched]
     was_training = model.training
     model.eval()
+    inputs = probe_inputs or _probe_inputs(model)
+    matrices_read_by_owner = True
     try:
-        model(**(probe_inputs or _probe_inputs(model)), use_cache=False)
+        try:
+            with _MatricesHiddenOutsideOwners(model):
+                model(**inputs, use_cache=False)
+        except Exception as error:  # e.g. attention code that reads q_proj.weight itself
+            logger.info("%s reads a weight matrix outside the module owning it (%s: %s); zo2 perturbs "
+                        "whole units for it", type(model).__name__, type(error).__name__, error)
+            matrices_read_by_owner = False
+            calls.clear()
+            counter[0] = 0
+            model(**inputs, use_cache=False)
     finally:
         model.train(was_training)
         for handle in handles:
@@ -132,7 +187,7 @@ def find_partition(model: nn.Module, probe_inputs: dict | None = None) -> Partit
         raise UnsupportedModelError(f"{type(model).__name__}: the forward never called {blocks_name}[0]; "
                                     "zo2 needs the decoder layers to run on every forward")
     first_block, last_block = calls["<first block>"][0], calls["<last block>"][-1]
-    partition = Partition(blocks_name=blocks_name,
+    partition = Partition(blocks_name=blocks_name, matrices_read_by_owner=matrices_read_by_owner,
                           blocks=[Member(f"{blocks_name}.{i}", b) for i, b in enumerate(blocks)])
     for name, module in siblings:
         order = calls.get(name)

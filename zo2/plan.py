@@ -6,9 +6,10 @@ device before a byte of weights is allocated::
     plan = zo2.plan.make_plan(zo2.plan.meta_model("path/to/model"), ZOConfig(...), batch_size=1, seq_len=2048)
     print(plan.describe())
 
-The working device holds the resident units, ``num_slots`` slots for streamed blocks, and the two
-perturbed copies (+eps, -eps) of the units in flight; the engine uses ``resident_block_count`` to keep
-as many leading blocks resident as ``ZOConfig.gpu_memory_budget`` allows.
+The working device holds the resident units, ``num_slots`` slots for streamed blocks, and the perturbed
+copies in flight (see ``perturbed_bytes``: whole units in unit scope, one module's matrices in module
+scope); the engine uses ``offloaded_blocks`` to keep as many leading blocks resident as
+``ZOConfig.gpu_memory_budget`` allows.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import argparse
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import torch
 from torch import nn
@@ -83,15 +84,42 @@ def param_bytes(params: Sequence[nn.Parameter], dtype: torch.dtype | None) -> in
 
 def unit_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> tuple[int, list[int]]:
     """(bytes of everything outside the blocks, bytes of each block) in the storage ``dtype``."""
+    sizes = model_sizes(model, dtype)
+    return sizes.fixed, list(sizes.blocks)
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """Bytes of a model's weights as zo2 places and perturbs them, in the storage dtype."""
+
+    fixed: int
+    """Everything outside the blocks (embedding and head units): always resident."""
+    blocks: tuple[int, ...]
+    """Each block."""
+    fixed_vectors: int
+    """The part of ``fixed`` in parameters of fewer than two dims (biases, norms)."""
+    block_vectors: int
+    """The most bytes of such parameters one block holds."""
+    module_matrices: int
+    """The most bytes of weight matrices one module owns directly: module scope's perturbed copy."""
+
+
+def model_sizes(model: nn.Module, dtype: torch.dtype | None = None) -> ModelSizes:
+    """The :class:`ModelSizes` of ``model`` (a meta-device model is enough)."""
     _, blocks = find_blocks(model)
     seen: set[int] = set()
-    per_block = []
+    per_block, block_vectors = [], 0
     for block in blocks:
         params = [p for p in block.parameters() if id(p) not in seen]
         seen.update(id(p) for p in params)
         per_block.append(param_bytes(params, dtype))
+        block_vectors = max(block_vectors, param_bytes([p for p in params if p.dim() < 2], dtype))
     rest = [p for p in {id(p): p for p in model.parameters()}.values() if id(p) not in seen]
-    return param_bytes(rest, dtype), per_block
+    module_matrices = max((param_bytes([p for p in m.parameters(recurse=False) if p.dim() >= 2], dtype)
+                           for m in model.modules()), default=0)
+    return ModelSizes(fixed=param_bytes(rest, dtype), blocks=tuple(per_block),
+                      fixed_vectors=param_bytes([p for p in rest if p.dim() < 2], dtype),
+                      block_vectors=block_vectors, module_matrices=module_matrices)
 
 
 def human_bytes(size: float) -> str:
@@ -102,33 +130,54 @@ def human_bytes(size: float) -> str:
     return f"{int(size)} B"
 
 
-def working_bytes(fixed: int, resident: Sequence[int], streamed: Sequence[int], num_slots: int) -> int:
-    """Working-device bytes of weights and zo2's buffers: the non-block units (``fixed``) and resident
-    blocks, the slots (if any block streams) and the two perturbed copies of the units in flight
-    (bounded by every non-block unit, as a tied embedding lives for the whole walk, plus one block)."""
+def resolve_scope(config: ZOConfig, streams: bool, module_scope_ok: bool = True) -> str:
+    """``config.perturbation_scope`` resolved: "auto" is "module" when any block ``streams``."""
+    scope = config.perturbation_scope
+    if scope == "auto":
+        scope = "module" if streams else "unit"
+    return "unit" if scope == "module" and not module_scope_ok else scope
+
+
+def perturbed_bytes(sizes: ModelSizes, scope: str) -> int:
+    """Bytes of perturbed copies in flight. Unit scope: both copies of every non-block unit (a tied
+    embedding is read again by the head, so its copies live for the whole walk) and of one block.
+    Module scope: both copies of those units' vectors, and one module's matrices at a time."""
+    if scope == "unit":
+        return 2 * (sizes.fixed + max(sizes.blocks, default=0))
+    return sizes.module_matrices + 2 * (sizes.fixed_vectors + sizes.block_vectors)
+
+
+def working_bytes(sizes: ModelSizes, offloaded: Collection[int], num_slots: int, scope: str) -> int:
+    """Working-device bytes of weights and zo2's buffers with the ``offloaded`` blocks streaming: the
+    non-block units and resident blocks, the slots (if any block streams) and the perturbed copies."""
+    streamed = [size for i, size in enumerate(sizes.blocks) if i in offloaded]
     slots = num_slots * max(streamed) if streamed else 0
-    return fixed + sum(resident) + slots + 2 * (fixed + max([*resident, *streamed], default=0))
+    return sizes.fixed + sum(sizes.blocks) - sum(streamed) + slots + perturbed_bytes(sizes, scope)
 
 
-def resident_block_count(fixed: int, blocks: Sequence[int], budget: int, num_slots: int) -> int:
+def resident_block_count(sizes: ModelSizes, budget: int, config: ZOConfig, module_scope_ok: bool = True) -> int:
     """The most leading blocks that can stay resident within ``budget`` bytes (the rest stream).
 
     Raises :class:`BudgetError` when even streaming every block does not fit."""
-    for resident in range(len(blocks), -1, -1):
-        if working_bytes(fixed, blocks[:resident], blocks[resident:], num_slots) <= budget:
+    count = len(sizes.blocks)
+    for resident in range(count, -1, -1):
+        scope = resolve_scope(config, resident < count, module_scope_ok)
+        if working_bytes(sizes, range(resident, count), config.num_slots, scope) <= budget:
             return resident
-    minimum = working_bytes(fixed, [], blocks, num_slots)
+    minimum = working_bytes(sizes, range(count), config.num_slots, resolve_scope(config, count > 0, module_scope_ok))
     raise BudgetError(f"ZOConfig.gpu_memory_budget={human_bytes(budget)} is below the {human_bytes(minimum)} this "
-                      f"model needs with every block offloaded (non-block units {human_bytes(fixed)} resident, "
-                      f"{num_slots} slots, two perturbed copies in flight); raise the budget or lower num_slots")
+                      f"model needs with every block offloaded (non-block units {human_bytes(sizes.fixed)} "
+                      f"resident, {config.num_slots} slots, perturbed copies in flight); raise the budget or "
+                      "lower num_slots")
 
 
-def offloaded_blocks(config: ZOConfig, fixed: int, blocks: Sequence[int]) -> list[int]:
+def offloaded_blocks(config: ZOConfig, sizes: ModelSizes, module_scope_ok: bool = True) -> list[int]:
     """Block indices to offload: ``config.offloading_blocks``, or with ``gpu_memory_budget`` set (and
     no explicit choice) every block after the leading ones the budget holds."""
+    count = len(sizes.blocks)
     if not config.zo2 or config.offloading_blocks is not None or config.gpu_memory_budget is None:
-        return config.offloaded_block_indices(len(blocks))
-    return list(range(resident_block_count(fixed, blocks, config.gpu_memory_budget, config.num_slots), len(blocks)))
+        return config.offloaded_block_indices(count)
+    return list(range(resident_block_count(sizes, config.gpu_memory_budget, config, module_scope_ok), count))
 
 
 def _dims(config) -> dict[str, int]:
@@ -142,14 +191,18 @@ def _dims(config) -> dict[str, int]:
 
 def activation_bytes(config, batch_size: int, seq_len: int, dtype: torch.dtype) -> int:
     """A rough peak of activations in one dual walk: hidden states of the doubled batch, one half's MLP
-    intermediate (halves run one after the other), the doubled batch's logits and one half's float32 loss
-    copy; attention scores are not counted (SDPA / flash attention do not materialise them)."""
+    intermediate (halves run one after the other), and the larger of the logits' two peaks: both halves
+    plus their concatenation while the head merges them, or the merged logits plus the float32 chunk
+    the loss works on (``zo2.losses.LOSS_CHUNK``). Attention scores are not counted (SDPA / flash
+    attention do not materialise them)."""
+    from .losses import LOSS_CHUNK
+
     d, size = _dims(config), dtype.itemsize
     tokens = batch_size * seq_len
     hidden = 2 * tokens * d["hidden"] * size * 4
     mlp = tokens * d["inner"] * size * 2
-    logits = 2 * tokens * d["vocab"] * size + 2 * tokens * d["vocab"] * 4
-    return hidden + mlp + logits
+    logits = 2 * tokens * d["vocab"] * size
+    return hidden + mlp + max(2 * logits, logits + 2 * 4 * min(LOSS_CHUNK, tokens * d["vocab"]))
 
 
 @dataclass(frozen=True)
@@ -158,6 +211,8 @@ class Plan:
 
     num_blocks: int
     resident_blocks: int
+    scope: str
+    """The perturbation scope the engine would use ("unit" or "module")."""
     weights_bytes: int
     """All stored weights (masters), wherever they live."""
     working_weights_bytes: int
@@ -185,6 +240,7 @@ class Plan:
         """A human-readable table."""
         rows = [
             ("blocks resident / streamed", f"{self.resident_blocks} / {self.num_blocks - self.resident_blocks}"),
+            ("perturbation scope", self.scope),
             ("stored weights", human_bytes(self.weights_bytes)),
             ("working device: weights + buffers", human_bytes(self.working_weights_bytes)),
             ("working device: activations (est.)", human_bytes(self.activation_bytes)),
@@ -218,12 +274,13 @@ def make_plan(model: nn.Module, config: ZOConfig, *, batch_size: int = 1, seq_le
               activation_dtype: torch.dtype | None = None) -> Plan:
     """Predict one step of ``config`` on ``model`` (a meta-device model is enough) for a batch shape."""
     dtype = config.torch_storage_dtype
-    fixed, blocks = unit_bytes(model, dtype)
+    sizes = model_sizes(model, dtype)
+    fixed, blocks = sizes.fixed, sizes.blocks
     n = len(blocks)
-    offloaded = set(offloaded_blocks(config, fixed, blocks))
+    offloaded = set(offloaded_blocks(config, sizes))
     streamed = [b for i, b in enumerate(blocks) if i in offloaded]
-    resident_bytes = [b for i, b in enumerate(blocks) if i not in offloaded]
-    working = working_bytes(fixed, resident_bytes, streamed, config.num_slots)
+    scope = resolve_scope(config, bool(streamed))
+    working = working_bytes(sizes, offloaded, config.num_slots, scope)
     walks = config.num_directions * micro_batches
     up = sum(streamed) * walks
     down = sum(streamed) // config.write_back_every
@@ -233,9 +290,10 @@ def make_plan(model: nn.Module, config: ZOConfig, *, batch_size: int = 1, seq_le
     total = fixed + sum(blocks)
     transfer = max(up / (machine.h2d_gbps * 1e9), down / (machine.d2h_gbps * 1e9),
                    (up + down) / (machine.duplex_gbps * 1e9)) if streamed else 0.0
-    # per walk the fused pass reads each master and writes two perturbed copies (+ the update's write)
-    noise_bytes = total * (3 * walks + 1)
-    return Plan(num_blocks=n, resident_blocks=n - len(streamed), weights_bytes=total,
+    # unit scope: per walk one fused pass reads each master and writes both copies (+ the update's write);
+    # module scope: the update reads and writes each master once, then each half reads it and writes a copy
+    noise_bytes = total * (3 * walks + 1) if scope == "unit" else total * (4 * walks + 2)
+    return Plan(num_blocks=n, resident_blocks=n - len(streamed), scope=scope, weights_bytes=total,
                 working_weights_bytes=working, activation_bytes=activation_bytes(model.config, batch_size, seq_len, act_dtype),
                 host_bytes=sum(streamed), upload_bytes=up, download_bytes=down, flops=flops,
                 transfer_floor_s=transfer, compute_floor_s=flops / (machine.matmul_tflops * 1e12),
@@ -259,6 +317,8 @@ def add_plan_command(commands: Any) -> None:
     parser.add_argument("--gpu-memory-budget", help="e.g. 18GB: keep as many blocks resident as fit")
     parser.add_argument("--num-slots", type=int, default=2, help="working-device slots (default: %(default)s)")
     parser.add_argument("--write-back-every", type=int, default=1, help="k of write-back skipping (default: 1)")
+    parser.add_argument("--perturbation-scope", default="auto", choices=["auto", "unit", "module"],
+                        help="ZOConfig.perturbation_scope (default: %(default)s)")
     parser.add_argument("--num-directions", type=int, default=1, help="q directions per step (default: 1)")
     parser.add_argument("--micro-batches", type=int, default=1, help="gradient accumulation steps (default: 1)")
     defaults = Machine()
@@ -277,7 +337,7 @@ def run_plan(args: Any) -> int:
         raise ZOConfigError(f"--dtype {args.dtype!r} is invalid: expected one of {list(STORAGE_DTYPES)}")
     config = ZOConfig(zo2=args.zo2, working_device="cpu", storage_dtype=args.dtype, num_slots=args.num_slots,
                       write_back_every=args.write_back_every, num_directions=args.num_directions,
-                      gpu_memory_budget=args.gpu_memory_budget)
+                      gpu_memory_budget=args.gpu_memory_budget, perturbation_scope=args.perturbation_scope)
     machine = Machine(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Machine)})
     model = meta_model(args.model, dtype)
     plan = make_plan(model, config, batch_size=args.batch, seq_len=args.seq, micro_batches=args.micro_batches,

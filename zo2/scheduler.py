@@ -8,8 +8,11 @@ On CUDA three streams are ordered with events, never with host-blocking syncs in
 * offload stream: slot -> master, waits for the compute event recorded right after the update, so
   the write-back overlaps the forwards that run on the working buffers.
 
-Units are uploaded ``len(pool) - 1`` ahead of use in the expected order (the walk order of the
-blocks). On the CPU every copy is synchronous and the same code path runs without streams.
+Units are uploaded ``len(pool) - 1`` ahead of the last acquired one in the expected order (the walk
+order of the blocks), so a unit may hold its slot while it computes (module-scoped perturbation reads
+the slot during the forwards) and the next one still uploads meanwhile. An unexpected unit takes the
+slot of a prefetched one, which is uploaded again when its turn comes. On the CPU every copy is
+synchronous and the same code path runs without streams.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ class TransferScheduler:
             self.upload_stream = torch.cuda.Stream(device)
             self.offload_stream = torch.cuda.Stream(device)
         self._inflight: dict[int, _Upload] = {}
+        self._acquired: set[int] = set()  # units in use by the compute stream (the rest are prefetched)
         self._slot_free: list[list[torch.cuda.Event]] = [[] for _ in range(len(pool))]
         self._host_ready: dict[int, torch.cuda.Event] = {}
         self._next = 0  # position in ``order`` of the next unit to upload
@@ -60,6 +64,18 @@ class TransferScheduler:
             if slot not in busy:
                 return slot
         raise RuntimeError("zo2 internal error: every slot holds a unit that was not released")
+
+    def _evict_prefetched(self) -> None:
+        """Free the slot of the prefetched unit needed last; it is uploaded again when its turn comes."""
+        waiting = [index for index in self._inflight if index not in self._acquired]
+        if not waiting:
+            raise RuntimeError(f"zo2: all {len(self.pool)} slots hold units in use; raise ZOConfig.num_slots "
+                               "(a module reads weights of more offloaded blocks at once than there are slots)")
+        victim = max(waiting, key=lambda index: self.position[index])
+        upload = self._inflight.pop(victim)
+        if upload.done is not None:  # later uploads run on the same stream: ordered after this one anyway
+            self._slot_free[upload.slot].append(upload.done)
+        self._next = min(self._next, self.position[victim])
 
     def _upload(self, unit: Unit) -> None:
         slot = self._free_slot()
@@ -86,7 +102,8 @@ class TransferScheduler:
         unit.master.copy_(buffer, non_blocking=self.cuda)
 
     def _prefetch(self) -> None:
-        while self._next < len(self.order) and len(self._inflight) < len(self.pool) - 1:
+        while (self._next < len(self.order) and len(self._inflight) < len(self.pool)
+               and len(self._inflight) - len(self._acquired) < len(self.pool) - 1):
             unit = self.order[self._next]
             if unit.index not in self._inflight:
                 self._upload(unit)
@@ -101,12 +118,14 @@ class TransferScheduler:
         """The unit's weights in a working-device slot, ready for the compute stream."""
         if unit.index not in self._inflight:
             if len(self._inflight) == len(self.pool):
-                raise RuntimeError("zo2 internal error: no free slot; release units after use")
+                self._evict_prefetched()
             self._upload(unit)
             self._next = self.position.get(unit.index, self._next - 1) + 1
         upload = self._inflight[unit.index]
+        self._acquired.add(unit.index)
         if upload.done is not None:
             torch.cuda.current_stream().wait_event(upload.done)
+        self._prefetch()
         return self.pool.buffers[upload.slot][:unit.numel]
 
     def write_back(self, unit: Unit, buffer: torch.Tensor) -> None:
@@ -126,6 +145,7 @@ class TransferScheduler:
     def release(self, unit: Unit) -> None:
         """The slot of ``unit`` may be reused once the compute work issued so far has finished."""
         upload = self._inflight.pop(unit.index)
+        self._acquired.discard(unit.index)
         if self.cuda:
             pending = [e for e in self._slot_free[upload.slot] if not e.query()]
             self._slot_free[upload.slot] = pending + [self._event()]
@@ -143,4 +163,5 @@ class TransferScheduler:
             if self.cuda:
                 self._slot_free[upload.slot].append(self._event())
         self._inflight.clear()
+        self._acquired.clear()
         self._next = len(self.order)
