@@ -62,6 +62,21 @@ def test_causal_lm_loss_is_the_hf_loss(dtype):
     assert causal_lm_loss(output.logits, batch["labels"]).item() == pytest.approx(output.loss.item(), rel=1e-6)
 
 
+def test_the_causal_lm_loss_runs_in_chunks_of_positions(monkeypatch):
+    """A chunk bound of a few positions (two and a half rows of logits) gives the loss of one pass."""
+    from zo2 import losses
+
+    model = make_model("llama").eval()
+    batch = make_batch()
+    with torch.no_grad():
+        logits = model(**batch, use_cache=False).logits
+    whole = losses.causal_lm_terms(logits, batch["labels"])
+    monkeypatch.setattr(losses, "LOSS_CHUNK", int(2.5 * logits.shape[-1]))
+    chunked = losses.causal_lm_terms(logits, batch["labels"])
+    assert chunked[1] == whole[1] == (batch["labels"][:, 1:] != -100).sum()
+    assert chunked[0].item() == pytest.approx(whole[0].item(), rel=1e-6)
+
+
 def test_projected_gradient_is_the_loss_difference_over_two_eps():
     engine = ZOEngine(make_model("llama"), ZOConfig(working_device="cpu", eps=1e-3))
     result = engine.step(make_batch())

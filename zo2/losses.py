@@ -13,17 +13,40 @@ import torch
 from torch import nn
 from transformers.loss.loss_utils import LOSS_MAPPING
 
+#: float32 logits the causal-LM loss materialises at once (elements): it runs over chunks of positions,
+#: so a 2048-token half with a 50k vocabulary never needs float32 copies of all its logits.
+LOSS_CHUNK = 1 << 24
+
+
+def causal_lm_terms(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(sum, count) as float64 of the next-token cross-entropy over labels != -100.
+
+    Computed in at least float32 (float64 stays float64, so finite differences of float64 models keep
+    their precision), over chunks of ``LOSS_CHUNK // vocab`` positions summed in float64."""
+    vocab = logits.shape[-1]
+    targets = torch.full(labels.shape, -100, dtype=torch.long, device=logits.device)
+    targets[:, :-1] = labels[:, 1:]  # the last position predicts nothing
+    rows, targets = logits.reshape(-1, vocab), targets.reshape(-1)
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    step = max(1, LOSS_CHUNK // vocab)
+    total = torch.zeros((), dtype=torch.float64, device=logits.device)
+    for start in range(0, rows.shape[0], step):
+        part = nn.functional.cross_entropy(rows[start:start + step].to(dtype), targets[start:start + step],
+                                           ignore_index=-100, reduction="sum")
+        total += part.double()
+    return torch.stack((total, (targets != -100).sum().double()))
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-    """Mean next-token cross-entropy over labels != -100, computed in at least float32 (float64 stays
-    float64, so finite differences of float64 models keep their precision)."""
-    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
-    targets = labels[:, 1:].to(logits.device)
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    """Mean next-token cross-entropy over labels != -100, as float64 (see :func:`causal_lm_terms`)."""
+    total, count = causal_lm_terms(logits, labels)
+    return total / count
 
 
-#: How to call each loss on one half: (target keys, call(loss_fn, model, output_half, targets)).
+#: How to call each loss on one half: (target keys, call(loss_fn, model, output_half, targets)); the
+#: causal-LM call returns (sum, count) itself, the others HF's mean loss.
 _TASKS: dict[str, tuple[tuple[str, ...], Callable]] = {
-    "ForCausalLM": (("labels",), lambda fn, model, out, t: causal_lm_loss(out["logits"], t["labels"])),
+    "ForCausalLM": (("labels",), lambda fn, model, out, t: causal_lm_terms(out["logits"], t["labels"])),
     "ForSequenceClassification": (("labels",), lambda fn, model, out, t: fn(
         labels=t["labels"], pooled_logits=out["logits"], config=model.config)),
     "ForTokenClassification": (("labels",), lambda fn, model, out, t: fn(
@@ -73,11 +96,8 @@ def split_output(output: Any, half: int) -> tuple[dict, dict]:
 
 def _count(task: str, targets: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """How many terms the task's mean loss averages: target tokens, or rows."""
-    labels = targets.get("labels")
-    if task in ("ForCausalLM", "ForConditionalGeneration"):
-        return (labels[:, 1:] != -100).sum()
     if task == "ForTokenClassification":
-        return (labels != -100).sum()
+        return (targets["labels"] != -100).sum()
     first = next(iter(targets.values()))
     return torch.tensor(first.shape[0])
 
@@ -86,10 +106,13 @@ def loss_terms(model: nn.Module, output: Any, targets: Mapping[str, torch.Tensor
     """(loss sum, count) of one side's output as a float64 pair: loss = sum / count, and sums over
     micro-batches or data-parallel shards give the loss of their union (up to float rounding).
 
-    The sum is the task's mean loss times its count: for a float32 loss and fewer than 2**29 terms the
-    product is exact in float64, so a single batch's loss comes back bit for bit."""
+    Causal LMs sum their token losses in chunks (:func:`causal_lm_terms`). For the other heads the sum
+    is HF's mean loss times its count: for a float32 loss and fewer than 2**29 terms the product is
+    exact in float64, so a single batch's loss comes back bit for bit."""
     task = task_of(model)
     _, call = _TASKS[task]
+    if task in ("ForCausalLM", "ForConditionalGeneration"):
+        return call(None, model, output, targets)
     mean = call(LOSS_MAPPING[task], model, output, targets).detach().double()
     count = _count(task, targets).to(mean.device, torch.float64)
     total = torch.where(count > 0, mean * count, torch.zeros_like(mean))  # no terms: contributes nothing
