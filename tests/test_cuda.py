@@ -28,6 +28,7 @@ def test_offloaded_equals_resident_on_cuda(num_slots):
         results.append(masters(engine))
         if zo2:
             assert all(u.master.is_pinned() for u in engine.units if u.offloaded)
+            assert engine.scope == "module"  # auto, with blocks streaming to the GPU
     assert torch.equal(*results)
 
 

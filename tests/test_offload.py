@@ -36,7 +36,8 @@ def test_offloaded_equals_resident_for_task_heads(arch, head):
 @pytest.mark.parametrize("config", [dict(num_slots=1), dict(num_slots=3), dict(offloading_blocks=[1]),
                                     dict(noise="rademacher"), dict(storage_dtype="bfloat16"),
                                     dict(write_back_every=3), dict(write_back_every=4, storage_dtype="float16"),
-                                    dict(write_back_every=2, num_directions=2)])
+                                    dict(write_back_every=2, num_directions=2), dict(perturbation_scope="module"),
+                                    dict(perturbation_scope="module", num_slots=1, write_back_every=2)])
 def test_offload_settings_do_not_change_the_result(config):
     batch = make_batch()
     extra = {k: v for k, v in config.items() if k in ("noise", "storage_dtype", "num_directions")}

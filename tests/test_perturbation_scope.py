@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from zo2 import ZOConfig, ZOEngine
+from zo2 import ZOConfig, ZOEngine, plan
 from zo2.models import UnsupportedModelError, find_partition
 from zo2.scheduler import TransferScheduler
 from zo2.storage import SlotPool, Unit
@@ -40,7 +40,7 @@ def test_offloaded_module_scope_equals_resident_unit_scope(config):
     _, resident, resident_losses = _train(make_model("llama-tied", num_hidden_layers=3), batches=batches,
                                           zo2=False, perturbation_scope="unit", **shared)
     engine, offloaded, offloaded_losses = _train(make_model("llama-tied", num_hidden_layers=3), batches=batches,
-                                                 **config)
+                                                 perturbation_scope="module", **config)
     assert engine.scope == "module"
     assert offloaded_losses == resident_losses
     assert torch.equal(offloaded, resident)
@@ -50,16 +50,20 @@ def test_offloaded_module_scope_equals_resident_unit_scope(config):
 def test_module_scope_serves_task_heads(head):
     batches = [make_batch(head, seed=s) for s in range(2)]
     _, unit, _ = _train(make_model("opt", head=head), batches=batches, zo2=False)
-    _, module, _ = _train(make_model("opt", head=head), batches=batches, zo2=True)
+    _, module, _ = _train(make_model("opt", head=head), batches=batches, zo2=True, perturbation_scope="module")
     assert torch.equal(module, unit)
 
 
-def test_auto_picks_module_scope_once_anything_streams():
+def test_auto_picks_module_scope_only_where_blocks_stream_to_a_gpu():
+    """On a CPU working device generating z dominates a step, so auto keeps unit scope (z once per walk);
+    tests/test_cuda.py checks that auto picks module scope when blocks stream to a GPU."""
     assert ZOEngine(make_model("llama"), ZOConfig(working_device="cpu", zo2=False)).scope == "unit"
-    assert ZOEngine(make_model("llama"), ZOConfig(working_device="cpu")).scope == "module"
-    assert ZOEngine(make_model("llama"), ZOConfig(working_device="cpu", offloading_blocks=[1])).scope == "module"
-    assert ZOEngine(make_model("llama"), ZOConfig(working_device="cpu", perturbation_scope="unit")).scope == "unit"
-    assert "perturbation scope: module" in ZOEngine(make_model("llama"), ZOConfig(working_device="cpu")).describe()
+    assert ZOEngine(make_model("llama"), ZOConfig(working_device="cpu")).scope == "unit"
+    module = ZOEngine(make_model("llama"), ZOConfig(working_device="cpu", perturbation_scope="module"))
+    assert module.scope == "module" and "perturbation scope: module" in module.describe()
+    assert plan.resolve_scope(ZOConfig(working_device="cpu"), streams=True) == "module"  # plans assume a GPU
+    assert plan.resolve_scope(ZOConfig(working_device="cpu"), streams=True, accelerator=False) == "unit"
+    assert plan.resolve_scope(ZOConfig(working_device="cpu"), streams=False) == "unit"
 
 
 def _read_gate_weight_directly(model):
@@ -80,6 +84,7 @@ def test_a_model_reading_matrices_outside_their_modules_is_perturbed_per_unit():
                  ZOConfig(working_device="cpu", perturbation_scope="module"))
     engine, offloaded, _ = _train(_read_gate_weight_directly(make_model("llama")))
     assert engine.scope == "unit"
+    assert plan.resolve_scope(engine.config, streams=True, module_scope_ok=False) == "unit"
     _, resident, _ = _train(_read_gate_weight_directly(make_model("llama")), zo2=False)
     assert torch.equal(offloaded, resident)
     _, plain, _ = _train(make_model("llama"), zo2=False)
@@ -88,8 +93,9 @@ def test_a_model_reading_matrices_outside_their_modules_is_perturbed_per_unit():
 
 def test_detach_removes_the_module_hooks():
     model = make_model("llama")
-    engine = ZOEngine(model, ZOConfig(working_device="cpu"))
+    engine = ZOEngine(model, ZOConfig(working_device="cpu", perturbation_scope="module"))
     engine.step(make_batch())
+    assert any(m._forward_pre_hooks for m in model.modules())
     detached = engine.detach()
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in detached.modules())
 

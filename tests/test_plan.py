@@ -25,11 +25,12 @@ def test_plan_predicts_the_engines_weight_bytes_exactly(arch):
 
 def test_budget_keeps_the_leading_blocks_that_fit_resident():
     model = make_model("llama", num_hidden_layers=6)
-    budget = working_bytes(model_sizes(model), range(3, 6), 2, "module")  # three resident, three streamed, two slots
+    budget = working_bytes(model_sizes(model), range(3, 6), 2, "unit")  # three resident, three streamed, two slots
     engine = ZOEngine(model, ZOConfig(working_device="cpu", gpu_memory_budget=budget))
     assert [u.offloaded for u in engine.units[1:-1]] == [False] * 3 + [True] * 3
     assert make_plan(make_model("llama", num_hidden_layers=6),
-                     ZOConfig(working_device="cpu", gpu_memory_budget=budget)).resident_blocks == 3
+                     ZOConfig(working_device="cpu", gpu_memory_budget=budget, perturbation_scope="unit")
+                     ).resident_blocks == 3
     one_less = ZOEngine(make_model("llama", num_hidden_layers=6), ZOConfig(working_device="cpu", gpu_memory_budget=budget - 1))
     assert sum(not u.offloaded for u in one_less.units[1:-1]) < 3
     engine_all = ZOEngine(make_model("llama", num_hidden_layers=6), ZOConfig(working_device="cpu", gpu_memory_budget="1GB"))
@@ -38,7 +39,7 @@ def test_budget_keeps_the_leading_blocks_that_fit_resident():
 
 def test_budget_placement_trains_like_resident():
     batch = make_batch()
-    budget = working_bytes(model_sizes(make_model("llama", num_hidden_layers=4)), range(1, 4), 2, "module")
+    budget = working_bytes(model_sizes(make_model("llama", num_hidden_layers=4)), range(1, 4), 2, "unit")
     budgeted = ZOEngine(make_model("llama", num_hidden_layers=4), ZOConfig(working_device="cpu", lr=1e-2,
                                                                             gpu_memory_budget=budget))
     resident = ZOEngine(make_model("llama", num_hidden_layers=4), ZOConfig(working_device="cpu", lr=1e-2, zo2=False))
@@ -90,7 +91,7 @@ def test_plan_command_prints_the_table_and_json(capsys):
 
 def test_module_scope_needs_less_memory_and_places_more_blocks():
     """Module scope holds one module's matrices perturbed instead of both copies of whole units, so the
-    same budget keeps more blocks resident (what ``auto`` picks once anything streams)."""
+    same budget keeps more blocks resident (what ``auto`` picks once anything streams to a GPU)."""
     model = make_model("llama-tied", num_hidden_layers=6)
     sizes = model_sizes(model)
     matrices = max(p.numel() * 4 for p in model.parameters() if p.dim() >= 2)
@@ -102,5 +103,5 @@ def test_module_scope_needs_less_memory_and_places_more_blocks():
               for scope in ("unit", "module", "auto")}
     assert placed["module"] == placed["auto"] == 3 > placed["unit"]
     engine = ZOEngine(make_model("llama-tied", num_hidden_layers=6),
-                      ZOConfig(working_device="cpu", gpu_memory_budget=budget))
+                      ZOConfig(working_device="cpu", gpu_memory_budget=budget, perturbation_scope="module"))
     assert engine.scope == "module" and sum(not u.offloaded for u in engine.units[1:-1]) == 3

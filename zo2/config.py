@@ -103,9 +103,9 @@ class ZOConfig:
     written once per walk from one z (two copies of a block in memory, z generated once).
     ``"module"``: each weight matrix is perturbed by the module that owns it, for each half, right
     before that module runs (one matrix in memory, z generated twice; vectors stay per unit).
-    ``"auto"``: ``"module"`` when any block is offloaded (memory-bound), else ``"unit"``. Same bits
-    either way. Models whose code reads a weight matrix outside its own module (rare; detected at
-    start-up) use ``"unit"``."""
+    ``"auto"``: ``"module"`` when any block is offloaded to a CUDA working device (memory-bound), else
+    ``"unit"`` (on a CPU working device generating z dominates a step). Same bits either way. Models
+    whose code reads a weight matrix outside its own module (rare; detected at start-up) use ``"unit"``."""
     write_back_every: int = 1
     """Write an offloaded block's updated master back every k steps; in between the host master lags and
     its pending updates are replayed from their seeds on each upload (k-1 of k device-to-host copies

@@ -166,6 +166,7 @@ class ZOEngine:
         if offloaded:
             pool = SlotPool(config.num_slots, max(u.numel for u in offloaded), offloaded[0].master.dtype, self.device)
             self._scheduler = (self.role.make_scheduler or TransferScheduler)(offloaded, pool, self.device)
+        self._warm_up()
         logger.debug("zo2 units:\n%s", self.describe())
 
     # ----------------------------------------------------------------------------------- set-up
@@ -220,7 +221,7 @@ class ZOEngine:
     def _offloaded_blocks(self, module_scope_ok: bool) -> list[int]:
         """Block indices to offload: the config's choice, or what ``gpu_memory_budget`` cannot hold."""
         sizes = plan.model_sizes(self.model, self.config.torch_storage_dtype)
-        offloaded = plan.offloaded_blocks(self.config, sizes, module_scope_ok)
+        offloaded = plan.offloaded_blocks(self.config, sizes, module_scope_ok, self.device.type == "cuda")
         if self.config.gpu_memory_budget is not None:
             logger.info("zo2 gpu_memory_budget %.2f GB: %d of %d blocks offloaded",
                         self.config.gpu_memory_budget / 1e9, len(offloaded), len(sizes.blocks))
@@ -228,10 +229,25 @@ class ZOEngine:
 
     def _choose_scope(self, module_scope_ok: bool) -> str:
         streams = any(u.offloaded for u in self.units)
-        if streams and not module_scope_ok and self.config.perturbation_scope == "auto":
+        if streams and not module_scope_ok and self.config.perturbation_scope == "auto" and self.device.type == "cuda":
             logger.info("zo2: %s reads weight matrices outside their modules; perturbing whole units",
                         type(self.model).__name__)
-        return plan.resolve_scope(self.config, streams, module_scope_ok)
+        return plan.resolve_scope(self.config, streams, module_scope_ok, self.device.type == "cuda")
+
+    def _warm_up(self) -> None:
+        """Run the update and perturbation calls of a step once on a scratch buffer, so that compiling
+        them (``torch.compile`` of the noise generator, Triton's JIT) happens at load time and not in the
+        first step. The buffer is just large enough to take the compiled path where a unit would."""
+        needed = max(noise.compile_threshold(self.config.noise), noise.compile_threshold("uniform"))
+        size = min(max(u.numel for u in self.units), noise.chunk_size(self.device), needed)
+        kwargs = dict(noise_kind=self.config.noise, weight_decay=self.config.weight_decay)
+        pending = [Update(seed=0, projected_grad=0.0, lr=0.0)]
+        for dtype in {u.master.dtype for u in self.units}:
+            buffer = torch.zeros(size, dtype=dtype, device=self.device)
+            scratch = Unit(index=0, name="warm-up", params=[], master=buffer, offloaded=False, n_decay=size // 2)
+            apply_updates(buffer, scratch, pending, **kwargs)  # flush, and module scope's update pass
+            for updates, signs in ((pending, self._signs), ((), self._signs), *(((), (s,)) for s in self._signs)):
+                update_and_perturb(buffer, scratch, updates, 0, self.config.eps, signs=signs, **kwargs)
 
     def _move_buffers(self) -> None:
         for module in self.model.modules():
@@ -432,7 +448,7 @@ class ZOEngine:
                 for run, rows in enumerate(dual.calibration_rows(inputs, half)):
                     self._calibration.run = run
                     with self._forward_context(streaming=False):
-                        self._call_model(dual.select_rows(inputs, half, rows))
+                        self._call_model(dual.calibration_inputs(inputs, half, rows))
                 self._specs[key] = self._calibration.specs()
             finally:
                 self._calibration = None

@@ -130,11 +130,13 @@ def human_bytes(size: float) -> str:
     return f"{int(size)} B"
 
 
-def resolve_scope(config: ZOConfig, streams: bool, module_scope_ok: bool = True) -> str:
-    """``config.perturbation_scope`` resolved: "auto" is "module" when any block ``streams``."""
+def resolve_scope(config: ZOConfig, streams: bool, module_scope_ok: bool = True, accelerator: bool = True) -> str:
+    """``config.perturbation_scope`` resolved: "auto" is "module" when any block ``streams`` to an
+    ``accelerator`` (device memory is what is short there); on a CPU working device, where generating
+    z dominates the step, "unit" (z once per walk). Plans assume an accelerator."""
     scope = config.perturbation_scope
     if scope == "auto":
-        scope = "module" if streams else "unit"
+        scope = "module" if streams and accelerator else "unit"
     return "unit" if scope == "module" and not module_scope_ok else scope
 
 
@@ -155,29 +157,33 @@ def working_bytes(sizes: ModelSizes, offloaded: Collection[int], num_slots: int,
     return sizes.fixed + sum(sizes.blocks) - sum(streamed) + slots + perturbed_bytes(sizes, scope)
 
 
-def resident_block_count(sizes: ModelSizes, budget: int, config: ZOConfig, module_scope_ok: bool = True) -> int:
+def resident_block_count(sizes: ModelSizes, budget: int, config: ZOConfig, module_scope_ok: bool = True,
+                         accelerator: bool = True) -> int:
     """The most leading blocks that can stay resident within ``budget`` bytes (the rest stream).
 
     Raises :class:`BudgetError` when even streaming every block does not fit."""
     count = len(sizes.blocks)
     for resident in range(count, -1, -1):
-        scope = resolve_scope(config, resident < count, module_scope_ok)
+        scope = resolve_scope(config, resident < count, module_scope_ok, accelerator)
         if working_bytes(sizes, range(resident, count), config.num_slots, scope) <= budget:
             return resident
-    minimum = working_bytes(sizes, range(count), config.num_slots, resolve_scope(config, count > 0, module_scope_ok))
+    minimum = working_bytes(sizes, range(count), config.num_slots, resolve_scope(config, count > 0, module_scope_ok,
+                                                                                 accelerator))
     raise BudgetError(f"ZOConfig.gpu_memory_budget={human_bytes(budget)} is below the {human_bytes(minimum)} this "
                       f"model needs with every block offloaded (non-block units {human_bytes(sizes.fixed)} "
                       f"resident, {config.num_slots} slots, perturbed copies in flight); raise the budget or "
                       "lower num_slots")
 
 
-def offloaded_blocks(config: ZOConfig, sizes: ModelSizes, module_scope_ok: bool = True) -> list[int]:
+def offloaded_blocks(config: ZOConfig, sizes: ModelSizes, module_scope_ok: bool = True,
+                     accelerator: bool = True) -> list[int]:
     """Block indices to offload: ``config.offloading_blocks``, or with ``gpu_memory_budget`` set (and
     no explicit choice) every block after the leading ones the budget holds."""
     count = len(sizes.blocks)
     if not config.zo2 or config.offloading_blocks is not None or config.gpu_memory_budget is None:
         return config.offloaded_block_indices(count)
-    return list(range(resident_block_count(sizes, config.gpu_memory_budget, config, module_scope_ok), count))
+    resident = resident_block_count(sizes, config.gpu_memory_budget, config, module_scope_ok, accelerator)
+    return list(range(resident, count))
 
 
 def _dims(config) -> dict[str, int]:
