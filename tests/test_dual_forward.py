@@ -43,6 +43,34 @@ def test_dual_walk_equals_two_separate_forwards(arch):
     assert [result.loss, result.loss_minus] == _separate_losses(base, engine, batch, result.seed)
 
 
+@pytest.mark.parametrize("arch", ["opt", "llama", "bloom", "gpt2", "mixtral"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_calibration_on_cut_sequences_serves_long_padded_batches(arch, side):
+    """Calibration forwards keep 8 positions of each row (both ends, so padding stays in them): a batch of
+    40 positions, padded on either side, still walks exactly like two separate forwards."""
+    from zo2 import dual
+
+    batch = make_batch(length=40, padded=False)
+    pads = slice(0, 25) if side == "left" else slice(15, 40)
+    batch["attention_mask"][0, pads] = 0
+    batch["input_ids"][0, pads] = 0
+    batch["labels"][0, pads] = -100
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    cut = dual.calibration_inputs(inputs, 4, torch.tensor([0, 1]))
+    assert cut["input_ids"].shape == (2, dual.CALIBRATION_TOKENS) and (cut["attention_mask"][0] == 0).any()
+    base = make_model(arch)
+    engine = ZOEngine(copy.deepcopy(base), ZOConfig(working_device="cpu", eps=1e-2))
+    result = engine.step(batch)
+    assert [result.loss, result.loss_minus] == _separate_losses(base, engine, batch, result.seed)
+
+
+def test_calibration_keeps_whole_rows_of_other_inputs():
+    from zo2 import dual
+
+    inputs = {"input_ids": torch.zeros(4, 40, dtype=torch.long), "attention_mask": torch.ones(4, 1, 40, 40)}
+    assert dual.calibration_inputs(inputs, 4, torch.tensor([0, 1, 2]))["input_ids"].shape == (3, 40)
+
+
 @pytest.mark.parametrize("head", ["seq-cls", "qa"])
 @pytest.mark.parametrize("arch", ["opt", "llama"])
 def test_dual_walk_equals_separate_forwards_for_task_heads(arch, head):

@@ -1,4 +1,5 @@
 """zo_init moves the model into flat storage unit by unit: never two full copies in host memory."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -25,7 +26,10 @@ _SCRIPT = textwrap.dedent("""
 
 
 def test_zo_init_never_holds_two_copies_of_the_weights():
-    out = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, check=True)
+    # zo_init also compiles the noise generator (warm-up); the compiler's own ~100 MiB is not a copy of
+    # the weights, so this measurement runs the eager generator
+    env = {**os.environ, "ZO2_COMPILE_NOISE": "0"}
+    out = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, check=True, env=env)
     size, before, peak, after = map(float, out.stdout.split()[-4:])
     assert size > 250  # a model large enough for the measurement to mean something
     assert peak - before < 0.25 * size, f"placing a {size:.0f} MiB model raised the peak by {peak - before:.0f} MiB"

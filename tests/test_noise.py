@@ -84,3 +84,20 @@ def test_bad_requests_are_refused():
         noise.generate("cauchy", 0, 0, 0, 10)
     with pytest.raises(ValueError, match="non-negative"):
         noise.generate("gaussian", 0, 0, -1, 10)
+
+
+def test_the_engine_compiles_the_noise_path_at_load_time_not_in_the_first_step(monkeypatch):
+    """The first step is no slower than the next ones: zo_init runs every noise call of a step once."""
+    from zo2 import ZOConfig, ZOEngine
+    from conftest import make_batch, make_model
+
+    compiled = []
+    monkeypatch.setattr(noise, "_compiled", {})
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compiled.append(fn) or fn)
+    engine = ZOEngine(make_model("llama", hidden_size=64, intermediate_size=1024),
+                      ZOConfig(working_device="cpu", storage_dtype="bfloat16"))
+    assert max(u.numel for u in engine.units) >= 4 * noise._COMPILE_MIN_COUNTERS  # large enough to compile
+    assert set(compiled) == {noise._philox_folded}  # Gaussian z and the rounding draws share it
+    engine.step(make_batch())
+    engine.step(make_batch())
+    assert len(compiled) == 1

@@ -176,6 +176,24 @@ def calibration_rows(inputs: dict[str, Any], batch_size: int) -> tuple[torch.Ten
     return order[:Calibration.BATCHES[0]], order[:Calibration.BATCHES[1]]
 
 
+#: Positions a calibration forward keeps of each row (the first and last half of them): calibration
+#: records batch layouts, which do not depend on the sequence length, so long sequences cost nothing.
+CALIBRATION_TOKENS = 8
+
+
+def calibration_inputs(inputs: dict[str, Any], batch_size: int, rows: torch.Tensor) -> dict[str, Any]:
+    """The sub-batch of ``rows``, cut to the first and last ``CALIBRATION_TOKENS // 2`` positions when every
+    batched input is a (batch, length) tensor (ids, masks, positions); kept whole otherwise. The cut keeps
+    both ends, so a left- or right-padded row keeps its padding and the model still builds its masks."""
+    selected = select_rows(inputs, batch_size, rows)
+    batched = [k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch_size]
+    lengths = {inputs[k].shape[1] if inputs[k].dim() == 2 else -1 for k in batched}
+    if len(lengths) != 1 or min(lengths) <= CALIBRATION_TOKENS:
+        return selected
+    keep = CALIBRATION_TOKENS // 2
+    return {k: torch.cat((v[:, :keep], v[:, -keep:]), dim=1) if k in batched else v for k, v in selected.items()}
+
+
 def select_rows(inputs: dict[str, Any], batch_size: int, rows: torch.Tensor) -> dict[str, Any]:
     """The sub-batch of ``rows`` (tensors whose dim 0 is the batch size are indexed; others pass)."""
     return {k: v[rows.to(v.device)] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch_size else v

@@ -138,6 +138,11 @@ _KINDS = {"gaussian": (_gaussian_chunk, 4), "rademacher": (_rademacher_chunk, 12
           "uniform": (_uniform_chunk, 4)}
 
 
+def compile_threshold(kind: str) -> int:
+    """Elements from which one generation of ``kind`` runs the compiled generator."""
+    return _COMPILE_MIN_COUNTERS * _KINDS[kind][1]
+
+
 def chunks(start: int, count: int, size: int = CHUNK) -> list[tuple[int, int]]:
     """Split [start, start + count) at absolute multiples of ``size``: [(offset, length), ...]."""
     pieces = []
