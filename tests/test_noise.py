@@ -101,3 +101,15 @@ def test_the_engine_compiles_the_noise_path_at_load_time_not_in_the_first_step(m
     engine.step(make_batch())
     engine.step(make_batch())
     assert len(compiled) == 1
+
+
+def test_the_compiled_generator_sees_one_grad_mode(monkeypatch):
+    """Engine construction runs with autograd on, steps under no_grad: the compiled generator must not
+    recompile between them (torch.compile guards on the grad mode)."""
+    modes = []
+    compiled = lambda *args: modes.append(torch.is_grad_enabled()) or noise._philox_folded(*args)
+    monkeypatch.setattr(noise, "_maybe_compiled", lambda fn, n, device: compiled if fn is noise._philox_folded else fn)
+    noise.generate("gaussian", 1, 0, 0, 64)
+    with torch.no_grad():
+        noise.generate("gaussian", 1, 0, 0, 64)
+    assert modes == [False, False]

@@ -98,7 +98,8 @@ def philox(seed: int, counters: torch.Tensor, unit: int, stream: int, *, folded:
     if fn is eager:
         return eager(*args)
     try:
-        return fn(*args)
+        with torch.no_grad():  # one grad mode for every caller: a change would recompile
+            return fn(*args)
     except Exception as err:  # e.g. no C++ toolchain: eager is exact too, only slower
         _compile_failed = True
         logger.warning("compiled noise generator unavailable (%s); using eager torch", err)
