@@ -50,6 +50,8 @@ def two_ranks(tmp_path_factory):
         "sliced": {"config": {"sliced_transfers": True}, "steps": STEPS, "save": str(checkpoint / "sliced")},
         "sliced-perturbation": {"config": {"sliced_transfers": True, "perturbation_parallel": 2}, "steps": STEPS},
         "sliced-lagging": {"config": {"sliced_transfers": True, "write_back_every": 2}, "steps": STEPS},
+        "sliced-module": {"config": {"sliced_transfers": True, "perturbation_parallel": 2,
+                                     "perturbation_scope": "module"}, "steps": STEPS},
     }
     ranks = results_of(launch(train_scenarios, 2, scenarios), 2)
     return ranks, checkpoint
@@ -91,7 +93,8 @@ def test_one_direction_per_rank_equals_one_process_with_q_directions_and_its_rep
 
 def test_sliced_transfers_give_the_same_weights_as_unsliced(two_ranks):
     ranks, _ = two_ranks
-    for sliced, plain in (("sliced", "data"), ("sliced-perturbation", "perturbation"), ("sliced-lagging", "data")):
+    for sliced, plain in (("sliced", "data"), ("sliced-perturbation", "perturbation"), ("sliced-lagging", "data"),
+                          ("sliced-module", "perturbation")):
         _assert_ranks_identical(ranks, sliced)
         assert torch.equal(ranks[0][sliced]["masters"], ranks[0][plain]["masters"])
         assert ranks[0][sliced]["history"] == ranks[0][plain]["history"]

@@ -89,8 +89,11 @@ class _Matrix:
     param: nn.Parameter
     unit: Unit
     k: int
-    home: torch.Tensor
-    """Its view into the master, pointed back at after the call so the perturbed copy can be freed."""
+
+    def master_view(self) -> torch.Tensor:
+        """Its view into the unit's current master (sliced transfers may replace the master buffer)."""
+        start = self.unit.offsets[self.k]
+        return self.unit.master[start:start + self.param.numel()].view(self.param.shape)
 
 
 @dataclass
@@ -273,7 +276,7 @@ class ZOEngine:
     @staticmethod
     def _matrices_of(module: nn.Module, owner: dict) -> list[_Matrix]:
         """The weight matrices ``module`` owns directly (not through submodules)."""
-        return [_Matrix(p, *owner[id(p)], p.data) for p in module.parameters(recurse=False) if p.dim() >= 2]
+        return [_Matrix(p, *owner[id(p)]) for p in module.parameters(recurse=False) if p.dim() >= 2]
 
     def _hook_matrix_owners(self, member_module: nn.Module, owner: dict, hooked: set[int]) -> None:
         """Module scope: every module below a member that owns weight matrices perturbs them for the
@@ -302,9 +305,10 @@ class ZOEngine:
             matrix.param.data = perturbed.view(matrix.param.shape)
 
     def _release_matrices(self, matrices: list[_Matrix]) -> None:
+        """Point the module's matrices back at their masters, so their perturbed copies can be freed."""
         if self._walk is not None:
             for matrix in matrices:
-                matrix.param.data = matrix.home
+                matrix.param.data = matrix.master_view()
 
     def _make_forward(self, entry: _Wrapped) -> Callable:
         def forward(*args, **kwargs):
