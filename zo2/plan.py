@@ -82,12 +82,6 @@ def param_bytes(params: Sequence[nn.Parameter], dtype: torch.dtype | None) -> in
     return sum(p.numel() * (dtype or p.dtype).itemsize for p in params)
 
 
-def unit_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> tuple[int, list[int]]:
-    """(bytes of everything outside the blocks, bytes of each block) in the storage ``dtype``."""
-    sizes = model_sizes(model, dtype)
-    return sizes.fixed, list(sizes.blocks)
-
-
 @dataclass(frozen=True)
 class ModelSizes:
     """Bytes of a model's weights as zo2 places and perturbs them, in the storage dtype."""
