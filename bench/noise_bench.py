@@ -13,13 +13,12 @@ pending, and each perturbed copy written (the floor is the device's copy bandwid
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
 
-from zo2 import kernels
-from zo2.optim import Update, update_and_perturb
+from zo2 import Update, kernels
+from zo2.kernels import update_and_perturb
 from zo2.storage import Unit
 
 
@@ -43,8 +42,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--noise", default="gaussian", choices=["gaussian", "rademacher"])
-    parser.add_argument("--kernels", nargs="+", default=["auto"], choices=list(kernels.CHOICES),
-                        help="paths to time (sets ZO2_KERNELS for each)")
+    parser.add_argument("--kernels", nargs="+", default=["auto"], choices=list(kernels.BACKENDS),
+                        help="backends to time (ZOConfig.kernels)")
     parser.add_argument("--updates", type=int, default=1, help="pending updates applied in the pass")
     parser.add_argument("--signs", default="both", choices=["both", "plus", "minus"])
     parser.add_argument("--repeats", type=int, default=5)
@@ -57,16 +56,15 @@ def main() -> None:
     moved = args.numel * dtype.itemsize * (1 + (1 if updates else 0) + len(signs))
     outputs = {}
     for choice in args.kernels:
-        os.environ[kernels.SWITCH] = choice
         buffer = start.clone()
         unit = Unit(index=1, name="bench", params=[], master=buffer, offloaded=False, n_decay=args.numel)
 
         def run(buffer=buffer, unit=unit):
             return update_and_perturb(buffer, unit, updates, 12345, 1e-3, noise_kind=args.noise, weight_decay=0.1,
-                                      signs=signs)
+                                      signs=signs, backend=choice)
 
         best = _time(run, args.repeats, cuda)
-        path = "triton" if kernels.use_triton(buffer) else "torch"
+        path = "triton" if kernels.use_triton(buffer, choice) else "torch"
         perturbed = run(buffer.copy_(start))  # once more from the same start, to compare the paths
         outputs[choice] = [buffer, *perturbed]  # kept on the device: host copies of 1e9 elements are slow
         print(f"{choice} ({path}): update x{args.updates} + perturb {args.signs} of {args.numel:,} {args.dtype} "

@@ -7,7 +7,8 @@ on CUDA and are checked against the torch path on the CPU. Skipped when triton i
 import pytest
 import torch
 
-from zo2 import Update, ZOConfig, ZOEngine, kernels, noise, optim
+from zo2 import Update, ZOConfig, ZOEngine, kernels, noise
+from zo2.kernels import torch_path, triton_path
 from zo2.storage import Unit
 from conftest import make_batch, make_model, masters
 
@@ -24,7 +25,7 @@ def _interpreted_on_cpu():
         if DEVICE == "cpu":
             patch.setenv("TRITON_INTERPRET", "1")
         if kernels.triton_available():
-            kernels.generate("uniform", 0, 0, 0, 1, device=DEVICE)
+            triton_path.generate("uniform", 0, 0, 0, 1, device=DEVICE)
         yield
 
 
@@ -51,7 +52,7 @@ def _within_one_step(actual: torch.Tensor, expected: torch.Tensor) -> bool:
 def test_kernel_noise_is_zo2_noise(kind, stream, seed, unit, start, count):
     """Same counters: Rademacher signs and uniforms bit for bit, Gaussians within float32 rounding."""
     expected = noise.generate(kind, seed, unit, start, count, stream=stream)
-    actual = kernels.generate(kind, seed, unit, start, count, stream=stream, device=DEVICE).cpu()
+    actual = triton_path.generate(kind, seed, unit, start, count, stream=stream, device=DEVICE).cpu()
     if kind == "gaussian":  # log/cos/sin differ in the last bits between implementations
         torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
     else:
@@ -68,8 +69,8 @@ def test_update_and_perturb_matches_the_torch_path(dtype, kind, n, n_decay, sign
     reference = _buffer(n, dtype)
     fused = reference.to(DEVICE, copy=True)
     kwargs = dict(noise_kind=kind, weight_decay=0.1, signs=signs)
-    expected = optim.update_and_perturb(reference, _unit(reference, n_decay), UPDATES, 77, 1e-3, **kwargs)
-    actual = kernels.update_and_perturb(fused, _unit(fused, n_decay), UPDATES, 77, 1e-3, **kwargs)
+    expected = torch_path.update_and_perturb(reference, _unit(reference, n_decay), UPDATES, 77, 1e-3, **kwargs)
+    actual = triton_path.update_and_perturb(fused, _unit(fused, n_decay), UPDATES, 77, 1e-3, **kwargs)
     assert len(actual) == len(signs)
     for got, want in zip([fused, *actual], [reference, *expected]):
         got = got.cpu()
@@ -88,7 +89,7 @@ def test_update_and_perturb_matches_the_torch_path(dtype, kind, n, n_decay, sign
 def test_a_slice_gets_the_bits_it_gets_within_the_whole_unit(path, dtype, kind, start, length):
     """Module-scoped perturbation updates and perturbs one parameter's slice at its absolute offset:
     z, the decay mask (the prefix [0, 1500) here) and the rounding draws follow the absolute index."""
-    impl = optim if path == "torch" else kernels
+    impl = torch_path if path == "torch" else triton_path
     whole = _buffer(3001, dtype).to(DEVICE)
     part = whole[start:start + length].clone()
     kwargs = dict(noise_kind=kind, weight_decay=0.1, signs=(1, -1))
@@ -107,8 +108,8 @@ def test_a_slice_gets_the_bits_it_gets_within_the_whole_unit(path, dtype, kind, 
 def test_apply_updates_matches_the_torch_path(dtype):
     reference = _buffer(1500, dtype)
     fused = reference.to(DEVICE, copy=True)
-    optim.apply_updates(reference, _unit(reference, 600), UPDATES, noise_kind="rademacher", weight_decay=0.05)
-    kernels.apply_updates(fused, _unit(fused, 600), UPDATES, noise_kind="rademacher", weight_decay=0.05)
+    torch_path.apply_updates(reference, _unit(reference, 600), UPDATES, noise_kind="rademacher", weight_decay=0.05)
+    triton_path.apply_updates(fused, _unit(fused, 600), UPDATES, noise_kind="rademacher", weight_decay=0.05)
     assert torch.equal(fused.cpu(), reference)
     assert not torch.equal(reference, _buffer(1500, dtype))
 
@@ -121,7 +122,7 @@ def test_stochastic_rounding_keeps_tiny_updates_in_expectation(dtype, update):
     n = 8192
     buffer = torch.ones(n, dtype=dtype, device=DEVICE)
     step = Update(seed=5, projected_grad=1.0, lr=update)
-    kernels.apply_updates(buffer, _unit(buffer, 0), [step], noise_kind="rademacher", weight_decay=0.0)
+    triton_path.apply_updates(buffer, _unit(buffer, 0), [step], noise_kind="rademacher", weight_decay=0.0)
     z = noise.generate("rademacher", step.seed, 2, 0, n)
     exact = 1.0 - update * z  # the float32 update
     assert torch.equal(exact.to(dtype), torch.ones(n, dtype=dtype))  # round-to-nearest loses it
@@ -133,12 +134,11 @@ def test_stochastic_rounding_keeps_tiny_updates_in_expectation(dtype, update):
 
 
 @needs_triton
-def test_engine_steps_through_the_kernel_as_through_the_torch_path(monkeypatch):
-    """ZO2_KERNELS switches optim's update_and_perturb/apply_updates; training gives the same bits."""
+def test_engine_steps_through_the_kernel_as_through_the_torch_path():
+    """ZOConfig.kernels picks the backend of every update and perturbation; training gives the same bits."""
     def train(choice: str) -> tuple[torch.Tensor, list[float]]:
-        monkeypatch.setenv(kernels.SWITCH, choice)
         config = ZOConfig(working_device=DEVICE, lr=1e-2, noise="rademacher", storage_dtype="bfloat16",
-                          weight_decay=0.05)
+                          weight_decay=0.05, kernels=choice)
         engine = ZOEngine(make_model("llama"), config)
         losses = [engine.step(make_batch()).loss for _ in range(2)]  # step 2 applies step 1 fused; flush the last
         return masters(engine), losses
@@ -150,31 +150,33 @@ def test_engine_steps_through_the_kernel_as_through_the_torch_path(monkeypatch):
 
 
 @needs_triton
-def test_optim_dispatches_to_the_kernel_under_the_switch(monkeypatch):
+def test_the_dispatch_runs_the_chosen_backend():
     """The kernel refuses float64 buffers, the torch path takes them: the error shows who ran."""
     buffer = torch.zeros(256, dtype=torch.float64)
-    monkeypatch.setenv(kernels.SWITCH, "torch")
-    optim.apply_updates(buffer, _unit(buffer, 0), UPDATES, noise_kind="gaussian", weight_decay=0.0)
-    monkeypatch.setenv(kernels.SWITCH, "triton")
-    with pytest.raises(ValueError, match="ZO2_KERNELS=torch for other dtypes"):
-        optim.apply_updates(buffer, _unit(buffer, 0), UPDATES, noise_kind="gaussian", weight_decay=0.0)
+    kernels.apply_updates(buffer, _unit(buffer, 0), UPDATES, noise_kind="gaussian", weight_decay=0.0, backend="torch")
+    with pytest.raises(ValueError, match="ZOConfig.kernels='torch' for other dtypes"):
+        kernels.apply_updates(buffer, _unit(buffer, 0), UPDATES, noise_kind="gaussian", weight_decay=0.0,
+                              backend="triton")
 
 
-def test_the_switch_picks_the_path(monkeypatch):
+def test_the_backend_choice_picks_the_path(monkeypatch):
     cpu = torch.zeros(4)
     for choice, expected in (("torch", False), ("auto", False)):
-        monkeypatch.setenv(kernels.SWITCH, choice)
-        assert kernels.use_triton(cpu) is expected
-    monkeypatch.setenv(kernels.SWITCH, "cuda")
-    with pytest.raises(ValueError, match="ZO2_KERNELS='cuda'.*'auto', 'torch', 'triton'"):
-        kernels.use_triton(cpu)
+        assert kernels.use_triton(cpu, choice) is expected
+    with pytest.raises(ValueError, match="kernel backend 'cuda' is unknown.*'auto', 'torch', 'triton'"):
+        kernels.use_triton(cpu, "cuda")
+    monkeypatch.setenv(kernels.ENV_DEFAULT, "Torch")
+    assert ZOConfig(working_device="cpu").kernels == "torch"  # the environment gives the default
+    monkeypatch.setenv(kernels.ENV_DEFAULT, "cuda")
+    with pytest.raises(ValueError, match="ZOConfig.kernels='cuda' is invalid"):
+        ZOConfig(working_device="cpu")
 
 
 @needs_triton
 def test_bad_requests_are_refused():
     buffer = torch.zeros(8, device=DEVICE)
     with pytest.raises(ValueError, match="signs must be distinct values of"):
-        kernels.update_and_perturb(buffer, _unit(buffer, 0), [], 1, 1e-3, noise_kind="gaussian", weight_decay=0.0,
-                                   signs=(2,))
+        triton_path.update_and_perturb(buffer, _unit(buffer, 0), [], 1, 1e-3, noise_kind="gaussian",
+                                       weight_decay=0.0, signs=(2,))
     with pytest.raises(ValueError, match="noise_kind must be 'gaussian' or 'rademacher'"):
-        kernels.apply_updates(buffer, _unit(buffer, 0), UPDATES, noise_kind="uniform", weight_decay=0.0)
+        triton_path.apply_updates(buffer, _unit(buffer, 0), UPDATES, noise_kind="uniform", weight_decay=0.0)

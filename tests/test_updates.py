@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from zo2 import Update, ZOConfig, ZOEngine, noise, replay
-from zo2.optim import stochastic_round
+from zo2.kernels import stochastic_round
 from conftest import make_batch, make_model, masters
 
 

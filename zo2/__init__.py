@@ -13,7 +13,7 @@ from .dual import DualForwardError
 from .engine import Role, StepResult, ZOEngine, replay
 from .hf import attach_zo_methods, zo_hf_init
 from .models import UnsupportedModelError, find_partition
-from .optim import Update
+from .history import Update
 
 __all__ = ["ZOConfig", "ZOConfigError", "ZOEngine", "Role", "StepResult", "Update", "replay", "zo_hf_init",
            "attach_zo_methods", "find_partition", "UnsupportedModelError", "DualForwardError",

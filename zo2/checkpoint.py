@@ -33,7 +33,7 @@ from torch import nn
 
 from .config import ZOConfig
 from .engine import ZOEngine, replay
-from .optim import Update
+from .history import Update
 
 logger = logging.getLogger(__name__)
 

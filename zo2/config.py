@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 import torch
+
+from . import kernels
 
 METHODS = ("mezo-sgd",)
 NOISE_KINDS = ("gaussian", "rademacher")
@@ -127,6 +129,12 @@ class ZOConfig:
     memory; each uploads 1/N of a block and the slices are all-gathered on the devices."""
     distributed_timeout: float = 600.0
     """Distributed: seconds after which a collective waiting for a dead or hung rank raises (> 0)."""
+    kernels: Literal["auto", "torch", "triton"] = field(default_factory=kernels.default_backend)
+    """Backend of the update and perturbation passes (:mod:`zo2.kernels`). ``"auto"``: the fused Triton
+    kernel for CUDA buffers, plain torch otherwise; ``"torch"``: always plain torch (the reference);
+    ``"triton"``: always Triton (CPU tensors only under ``TRITON_INTERPRET=1``). The default is the
+    environment variable ``ZO2_KERNELS`` when set, else ``"auto"``; the choice is recorded in the
+    config, so a seed log says what produced its bits."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -137,6 +145,8 @@ class ZOConfig:
             raise _bad("method", self.method, f"one of {list(METHODS)}")
         if self.noise not in NOISE_KINDS:
             raise _bad("noise", self.noise, f"one of {list(NOISE_KINDS)}")
+        if self.kernels not in kernels.BACKENDS:
+            raise _bad("kernels", self.kernels, f"one of {list(kernels.BACKENDS)}")
         if self.perturbation_scope not in PERTURBATION_SCOPES:
             raise _bad("perturbation_scope", self.perturbation_scope, f"one of {list(PERTURBATION_SCOPES)}")
         for name in ("lr", "eps", "weight_decay"):

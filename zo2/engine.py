@@ -23,7 +23,8 @@ from torch import nn
 
 from . import dual, losses, noise, plan
 from .config import ZOConfig
-from .optim import Update, apply_updates, update_and_perturb
+from .history import Update
+from .kernels import apply_updates, update_and_perturb
 from .scheduler import TransferScheduler
 from .storage import SlotPool, Unit, build_unit
 from .models import Member, UnsupportedModelError, find_partition
@@ -243,7 +244,7 @@ class ZOEngine:
         first step. The buffer is just large enough to take the compiled path where a unit would."""
         needed = max(noise.compile_threshold(self.config.noise), noise.compile_threshold("uniform"))
         size = min(max(u.numel for u in self.units), noise.chunk_size(self.device), needed)
-        kwargs = dict(noise_kind=self.config.noise, weight_decay=self.config.weight_decay)
+        kwargs = self._kernel_args()
         pending = [Update(seed=0, projected_grad=0.0, lr=0.0)]
         for dtype in {u.master.dtype for u in self.units}:
             buffer = torch.zeros(size, dtype=dtype, device=self.device)
@@ -251,6 +252,10 @@ class ZOEngine:
             apply_updates(buffer, scratch, pending, **kwargs)  # flush, and module scope's update pass
             for updates, signs in ((pending, self._signs), ((), self._signs), *(((), (s,)) for s in self._signs)):
                 update_and_perturb(buffer, scratch, updates, 0, self.config.eps, signs=signs, **kwargs)
+
+    def _kernel_args(self) -> dict[str, Any]:
+        """The config's arguments of every update and perturbation pass (:mod:`zo2.kernels`)."""
+        return dict(noise_kind=self.config.noise, weight_decay=self.config.weight_decay, backend=self.config.kernels)
 
     def _move_buffers(self) -> None:
         for module in self.model.modules():
@@ -300,8 +305,7 @@ class ZOEngine:
             start, size = matrix.unit.offsets[matrix.k], matrix.param.numel()
             weights = walk.buffers[matrix.unit.index][start:start + size]
             [perturbed] = update_and_perturb(weights, matrix.unit, (), walk.seed, self.config.eps, signs=(sign,),
-                                             noise_kind=self.config.noise, weight_decay=self.config.weight_decay,
-                                             offset=start)
+                                             offset=start, **self._kernel_args())
             matrix.param.data = perturbed.view(matrix.param.shape)
 
     def _release_matrices(self, matrices: list[_Matrix]) -> None:
@@ -350,7 +354,7 @@ class ZOEngine:
         buffer = self._scheduler.acquire(unit) if unit.offloaded else unit.master
         updates = self.history[unit.applied:]
         if updates:
-            apply_updates(buffer, unit, updates, noise_kind=self.config.noise, weight_decay=self.config.weight_decay)
+            apply_updates(buffer, unit, updates, **self._kernel_args())
             unit.applied = len(self.history)
             if unit.offloaded:
                 self._scheduler.write_back(unit, buffer)
@@ -389,7 +393,7 @@ class ZOEngine:
             return
         updates = self.history[unit.applied:]
         buffer = self._scheduler.acquire(unit) if unit.offloaded else unit.master
-        kwargs = dict(noise_kind=self.config.noise, weight_decay=self.config.weight_decay)
+        kwargs = self._kernel_args()
         if self.scope == "unit":
             perturbed = update_and_perturb(buffer, unit, updates, walk.seed, self.config.eps, signs=walk.signs,
                                            **kwargs)

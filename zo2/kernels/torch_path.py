@@ -6,29 +6,20 @@
 z is regenerated from its seed chunk by chunk (never stored). Every function here is elementwise
 and processes chunks at absolute offsets, so training, flushing and replaying an update history
 produce the same bits. Masters in bf16/fp16 take updates with stochastic rounding, so updates far
-below one ulp survive in expectation. On CUDA the same two functions run one fused Triton kernel
-per call (:mod:`zo2.kernels`; ``ZO2_KERNELS=torch`` keeps this torch path).
+below one ulp survive in expectation. This is the reference every other backend of
+:mod:`zo2.kernels` must reproduce.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from . import kernels, noise
-from .storage import Unit
+from .. import noise
+from ..history import Update
+from ..storage import Unit
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-@dataclass(frozen=True)
-class Update:
-    """One step of MeZO-SGD, all that is needed to redo it: the seed of z, g and the learning rate."""
-
-    seed: int
-    projected_grad: float
-    lr: float
 
 
 def stochastic_round(values: torch.Tensor, dtype: torch.dtype, uniform: torch.Tensor) -> torch.Tensor:
@@ -64,9 +55,6 @@ def apply_updates(buffer: torch.Tensor, unit: Unit, updates: Sequence[Update], *
                   weight_decay: float, offset: int = 0) -> None:
     """Apply ``updates`` in order, in place, to ``buffer``: elements [offset, offset + numel) of a
     tensor laid out like ``unit.master``."""
-    if kernels.use_triton(buffer):
-        kernels.apply_updates(buffer, unit, updates, noise_kind=noise_kind, weight_decay=weight_decay, offset=offset)
-        return
     for start, length in noise.chunks(offset, buffer.numel(), noise.chunk_size(buffer.device)):
         for update in updates:
             _update_chunk(buffer[start - offset:start - offset + length], start, unit, update, noise_kind,
@@ -75,18 +63,16 @@ def apply_updates(buffer: torch.Tensor, unit: Unit, updates: Sequence[Update], *
 
 def update_and_perturb(buffer: torch.Tensor, unit: Unit, updates: Sequence[Update], seed: int, eps: float, *,
                        noise_kind: str, weight_decay: float, signs: Sequence[int] = (1, -1),
-                       offset: int = 0) -> list[torch.Tensor]:
+                       offset: int = 0, out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Apply pending ``updates`` to ``buffer`` in place, then return ``buffer + sign*eps*z`` per sign.
 
     ``buffer`` holds elements [offset, offset + numel) of a tensor laid out like ``unit.master`` (one
     parameter's slice, for module-scoped perturbation); z and the decay mask follow the absolute
     element index, so a slice gets exactly the bits it would get as part of the whole unit.
     One pass over the buffer: each chunk is updated and perturbed while it is hot in cache.
+    ``out`` (one tensor per sign, shaped like ``buffer``) receives the copies instead of new tensors.
     """
-    if kernels.use_triton(buffer):
-        return kernels.update_and_perturb(buffer, unit, updates, seed, eps, noise_kind=noise_kind,
-                                          weight_decay=weight_decay, signs=signs, offset=offset)
-    perturbed = [torch.empty_like(buffer) for _ in signs]
+    perturbed = list(out) if out is not None else [torch.empty_like(buffer) for _ in signs]
     for start, length in noise.chunks(offset, buffer.numel(), noise.chunk_size(buffer.device)):
         local = slice(start - offset, start - offset + length)
         chunk = buffer[local]

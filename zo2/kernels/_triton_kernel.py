@@ -1,10 +1,10 @@
-"""Triton kernels behind :mod:`zo2.kernels` (imported lazily: this module imports triton).
+"""Triton kernels behind :mod:`zo2.kernels.triton_path` (imported lazily: this module imports triton).
 
 The noise is :mod:`zo2.noise`'s Philox-4x32-10 with the same counter layout, generated in
 registers: key = the 64-bit seed, counter = (c low word, unit, stream, c high word), where c is
 j // 4 for Gaussian and uniform values (element j takes output j % 4) and j // 128 for Rademacher
 signs (bit j % 32 of output (j % 128) // 32). Every arithmetic step mirrors the torch reference in
-:mod:`zo2.optim` (``tl.fma`` where torch's ``add(..., alpha=)`` fuses), so Rademacher and uniform
+:mod:`zo2.kernels.torch_path` (``tl.fma`` where torch's ``add(..., alpha=)`` fuses), so Rademacher and uniform
 values are bit-identical and Gaussian values differ only by the log/cos/sin implementations.
 """
 from __future__ import annotations
@@ -112,7 +112,7 @@ def _round_nearest(x, DTYPE: tl.constexpr):
 
 @triton.jit
 def _stochastic_round(x, u, DTYPE: tl.constexpr):
-    """zo2.optim.stochastic_round in registers: x (float32) to DTYPE (16-bit), up or down at random."""
+    """zo2.kernels.torch_path.stochastic_round in registers: x (float32) to DTYPE (16-bit), up or down at random."""
     nearest = _round_nearest(x, DTYPE)
     error = x - _to_float32(nearest)
     bits = nearest.to(tl.int16, bitcast=True).to(tl.int32)  # sign-magnitude, sign-extended

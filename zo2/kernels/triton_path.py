@@ -1,48 +1,30 @@
-"""Fused Triton kernels for the noise hot path, and the switch that picks them.
+"""Fused Triton kernels for the noise hot path (the ``"triton"`` backend of :mod:`zo2.kernels`).
 
 One launch per unit applies the pending updates to the buffer in place (weight decay on
 [0, n_decay), stochastic rounding for bf16/fp16 buffers) and writes buffer + eps*z and/or
 buffer - eps*z of the new seed; z is generated in registers from :mod:`zo2.noise`'s counter
-layout and never stored. Semantics are those of :func:`zo2.optim.update_and_perturb`.
+layout and never stored. Semantics are those of :mod:`zo2.kernels.torch_path`.
 
-Where it runs, by the environment variable ``ZO2_KERNELS``:
-
-* ``auto`` (default): Triton for CUDA buffers when triton imports, the torch path otherwise;
-* ``torch``: always the torch path (to compare on a GPU);
-* ``triton``: always Triton, CPU buffers included (that needs ``TRITON_INTERPRET=1`` set before
-  triton is first imported: how the tests run these kernels without a GPU).
-
-triton is imported on first use only, so importing zo2 never imports it.
+CPU tensors run here only under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is
+first imported): how the tests check these kernels without a GPU. triton is imported on first use
+only, so importing zo2 never imports it.
 """
 from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 from types import ModuleType
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 
-from . import noise
-from .storage import Unit
+from .. import noise
+from ..history import Update
+from ..storage import Unit
 
-if TYPE_CHECKING:  # optim imports this module
-    from .optim import Update
-
-SWITCH = "ZO2_KERNELS"
-CHOICES = ("auto", "torch", "triton")
 #: Elements per Triton program: a power of two >= 128 (one Philox counter covers 128 Rademacher signs).
 BLOCK = 1024
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def choice() -> str:
-    """The value of ``ZO2_KERNELS`` ("auto" when unset), validated."""
-    value = os.environ.get(SWITCH, "auto").strip().lower() or "auto"
-    if value not in CHOICES:
-        raise ValueError(f"{SWITCH}={value!r} is not a kernel choice; expected one of {list(CHOICES)}")
-    return value
 
 
 @functools.cache
@@ -51,21 +33,11 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def use_triton(buffer: torch.Tensor) -> bool:
-    """Whether the update/perturbation of ``buffer`` runs the Triton kernel under the current switch."""
-    picked = choice()
-    if picked == "triton":
-        if not triton_available():
-            raise RuntimeError(f"{SWITCH}=triton but triton is not installed: pip install 'zo2[gpu]'")
-        return True
-    return picked == "auto" and buffer.is_cuda and buffer.dtype in DTYPES and triton_available()
-
-
 @functools.cache
 def _triton() -> ModuleType:
-    from . import _triton_noise  # imports triton: deferred so TRITON_INTERPRET can be set first
+    from . import _triton_kernel  # imports triton: deferred so TRITON_INTERPRET can be set first
 
-    return _triton_noise
+    return _triton_kernel
 
 
 def _as_int64(seed: int) -> int:
@@ -95,7 +67,7 @@ def _launch(buffer: torch.Tensor, unit: Unit, updates: Sequence[Update], seed: i
             outputs: dict[int, torch.Tensor], noise_kind: str, weight_decay: float, offset: int) -> None:
     if buffer.dtype not in DTYPES:
         raise ValueError(f"the Triton kernel takes {[str(d) for d in DTYPES]} buffers, got {buffer.dtype}; "
-                         f"set {SWITCH}=torch for other dtypes")
+                         "set ZOConfig.kernels='torch' for other dtypes")
     if noise_kind not in ("gaussian", "rademacher"):
         raise ValueError(f"noise_kind must be 'gaussian' or 'rademacher', got {noise_kind!r}")
     if buffer.dim() != 1 or not buffer.is_contiguous():
@@ -113,18 +85,20 @@ def _launch(buffer: torch.Tensor, unit: Unit, updates: Sequence[Update], seed: i
 
 def update_and_perturb(buffer: torch.Tensor, unit: Unit, updates: Sequence[Update], seed: int, eps: float, *,
                        noise_kind: str, weight_decay: float, signs: Sequence[int] = (1, -1),
-                       offset: int = 0) -> list[torch.Tensor]:
-    """:func:`zo2.optim.update_and_perturb` in one Triton launch: returns ``buffer + sign*eps*z`` per sign."""
+                       offset: int = 0, out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """:func:`zo2.kernels.torch_path.update_and_perturb` in one Triton launch: returns ``buffer + sign*eps*z``
+    per sign (written into ``out`` when given)."""
     if any(sign not in (1, -1) for sign in signs) or len(set(signs)) != len(signs):
         raise ValueError(f"signs must be distinct values of +1 and -1, got {tuple(signs)}")
-    outputs = {sign: torch.empty_like(buffer) for sign in signs}
+    copies = list(out) if out is not None else [torch.empty_like(buffer) for _ in signs]
+    outputs = dict(zip(signs, copies))
     _launch(buffer, unit, updates, seed, eps, outputs, noise_kind, weight_decay, offset)
     return [outputs[sign] for sign in signs]
 
 
 def apply_updates(buffer: torch.Tensor, unit: Unit, updates: Sequence[Update], *, noise_kind: str,
                   weight_decay: float, offset: int = 0) -> None:
-    """:func:`zo2.optim.apply_updates` in one Triton launch (all updates applied per element in order)."""
+    """:func:`zo2.kernels.torch_path.apply_updates` in one Triton launch (all updates applied per element in order)."""
     _launch(buffer, unit, updates, None, 0.0, {}, noise_kind, weight_decay, offset)
 
 
