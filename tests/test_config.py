@@ -13,7 +13,7 @@ from conftest import make_model
     ("lr", float("nan"), "ZOConfig.lr"),
     ("eps", float("inf"), "expected a finite number"),
     ("weight_decay", -0.1, "ZOConfig.weight_decay"),
-    ("method", "adam", "ZOConfig.method='adam' is invalid: expected one of ['mezo-sgd']"),
+    ("method", "adam", "ZOConfig.method='adam' is invalid: expected one of ['mezo-sgd', 'fzoo'"),
     ("noise", "uniform", "ZOConfig.noise='uniform' is invalid: expected one of ['gaussian', 'rademacher']"),
     ("working_device", "tpu", "ZOConfig.working_device='tpu' is invalid"),
     ("offloading_device", "disk?", "ZOConfig.offloading_device"),

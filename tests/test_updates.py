@@ -46,7 +46,7 @@ def test_weight_decay_touches_matrices_only():
     model = make_model("opt")
     engine = ZOEngine(model, ZOConfig(working_device="cpu", lr=0.5, weight_decay=0.1))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    engine.history.append(Update(seed=1, projected_grad=0.0, lr=0.5))  # g = 0: only the decay acts
+    engine.log.append_step([Update(seed=1, projected_grad=0.0, lr=0.5)])  # g = 0: only the decay acts
     engine.flush()
     for name, param in model.named_parameters():
         if param.dim() >= 2:
@@ -75,7 +75,7 @@ def test_low_precision_masters_keep_tiny_updates_in_expectation():
     drift = torch.zeros_like(start)
     for step in range(40):
         update = Update(seed=step, projected_grad=1.0, lr=1e-4)
-        engine.history.append(update)
+        engine.log.append_step([update])
         drift -= update.lr * noise.generate("gaussian", update.seed, unit.index, 0, unit.numel)
     engine.flush()
     moved = unit.master.float() - start

@@ -3,12 +3,13 @@
 Two kinds:
 
 * a full checkpoint (``save_checkpoint``): the model in Hugging Face layout (safetensors + config.json,
-  the tokenizer if given), ``zo2_state.json`` (the engine's state plus the caller's ``extra``: data
-  position, trainer state, ...), the seed log, and ``zo2_manifest.json`` (every file's size and sha256),
-  written last. Everything goes to a temporary sibling folder first, is fsynced, and is renamed into
+  the tokenizer if given), ``zo2_state.json`` (the engine's state without its update log, plus the
+  caller's ``extra``: data position, trainer state, ...), the seed log (the update log, stored once),
+  and ``zo2_manifest.json`` (every file's size and sha256), written last. Everything goes to a temporary sibling folder first, is fsynced, and is renamed into
   place: a crash leaves either the old checkpoint or the new one, never a mix.
-* a seed log (``save_seed_log``): the ZO config and one ``[seed, projected_grad, lr]`` per update, a
-  few dozen bytes a step. With the base weights it rebuilds the fine-tuned weights bit for bit
+* a seed log (``save_seed_log``): the ZO config, the noise generator version and one
+  ``[seed, projected_grad, lr]`` per update (:class:`zo2.history.UpdateLog`'s JSON form), a few dozen
+  bytes a step. With the base weights it rebuilds the fine-tuned weights bit for bit
   (``replay_seed_log``, ``zo2 replay``).
 
 ``load_checkpoint`` verifies the manifest and refuses a missing, partial or corrupt checkpoint with a
@@ -31,9 +32,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from . import noise
 from .config import ZOConfig
 from .engine import ZOEngine, replay
-from .history import Update
+from .history import HistoryError, UpdateLog
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ MANIFEST_NAME = "zo2_manifest.json"
 STATE_NAME = "zo2_state.json"
 SEED_LOG_NAME = "zo2_seed_log.json"
 SEED_LOG_FORMAT = "zo2-seed-log"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: the update log lives in the seed log only, with its generator version
 
 
 class CheckpointError(RuntimeError):
@@ -54,7 +56,7 @@ class Checkpoint:
 
     path: Path
     state: dict[str, Any]
-    """``ZOEngine.state_dict()`` at save time (step count, update history, config)."""
+    """``ZOEngine.state_dict()`` at save time (step count, config, method state, update log)."""
     extra: dict[str, Any]
 
     @property
@@ -166,11 +168,10 @@ def verify_manifest(directory: str | Path) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------- seed logs
 def seed_log(engine: ZOEngine) -> dict[str, Any]:
-    """The seed log of ``engine`` as a JSON-serialisable dict."""
-    model = engine.model
-    return {"format": SEED_LOG_FORMAT, "version": _FORMAT_VERSION, "model_class": type(model).__name__,
+    """The seed log of ``engine`` as a JSON-serialisable dict: a header and the update log's JSON form."""
+    return {"format": SEED_LOG_FORMAT, "version": _FORMAT_VERSION, "model_class": type(engine.model).__name__,
             "dtype": str(engine.units[0].master.dtype).replace("torch.", ""), "config": engine.config.to_dict(),
-            "step_count": engine.step_count, "updates": [[u.seed, u.projected_grad, u.lr] for u in engine.history]}
+            "step_count": engine.step_count, **engine.log.to_json()}
 
 
 def save_seed_log(engine: ZOEngine, path: str | Path) -> Path:
@@ -184,16 +185,19 @@ def save_seed_log(engine: ZOEngine, path: str | Path) -> Path:
 
 
 def read_seed_log(path: str | Path) -> dict[str, Any]:
-    """Read and check a seed log; raises :class:`CheckpointError` if it is not one."""
+    """Read and check a seed log; ``["updates"]`` holds :class:`~zo2.history.Update` s.
+
+    Raises :class:`CheckpointError` if it is not one, or if it was made by another noise generator
+    (replaying it would give other weights)."""
     path = Path(path)
     log = _read_json(path, "seed log")
     if not isinstance(log, dict) or log.get("format") != SEED_LOG_FORMAT:
         raise CheckpointError(f"{path}: not a zo2 seed log (format field != {SEED_LOG_FORMAT!r})")
     try:
-        log["updates"] = [Update(int(seed), float(grad), float(lr)) for seed, grad, lr in log["updates"]]
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: malformed updates list ({err})") from None
-    return log
+        history = UpdateLog.from_json(log, generator=noise.GENERATOR_VERSION)
+    except HistoryError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    return {**log, "updates": history.updates(), "updates_per_step": history.updates_per_step}
 
 
 def seed_log_config(log: dict[str, Any], working_device: str | None = None) -> ZOConfig:
@@ -242,7 +246,7 @@ def save_checkpoint(engine: ZOEngine, directory: str | Path, *, tokenizer: Any =
         engine.model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        write_json_atomic(staging / STATE_NAME, {"engine": engine.state_dict(), "extra": extra or {}})
+        write_json_atomic(staging / STATE_NAME, {"engine": engine.state_dict(include_log=False), "extra": extra or {}})
         save_seed_log(engine, staging / SEED_LOG_NAME)
         write_manifest(staging, step=engine.step_count)
         _swap_into_place(staging, target)
@@ -278,7 +282,12 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
     if not isinstance(data, dict) or not isinstance(data.get("engine"), dict) or "step_count" not in data["engine"]:
         raise CheckpointError(f"{directory / STATE_NAME}: no engine state "
                               "(expected {'engine': {'step_count': ...}, 'extra': {...}})")
-    return Checkpoint(directory, data["engine"], data.get("extra") or {})
+    state = dict(data["engine"])
+    if "log" not in state and "history" not in state:  # the update log is stored once, in the seed log
+        log = read_seed_log(directory / SEED_LOG_NAME)
+        state["log"] = {"updates_per_step": log["updates_per_step"], "generator": log.get("generator", 0),
+                        "updates": [u.to_json() for u in log["updates"]]}
+    return Checkpoint(directory, state, data.get("extra") or {})
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:

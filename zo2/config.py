@@ -4,13 +4,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
-from . import kernels
+from . import kernels, methods, schedules
 
-METHODS = ("mezo-sgd",)
+METHODS = tuple(methods.METHODS)
 NOISE_KINDS = ("gaussian", "rademacher")
 PERTURBATION_SCOPES = ("auto", "unit", "module")
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -70,8 +70,15 @@ class ZOConfig:
     ``ZOConfig(method="mezo-sgd", zo2=True, offloading_device="cpu", working_device="cuda", lr=1e-7)``.
     """
 
-    method: Literal["mezo-sgd"] = "mezo-sgd"
-    """Optimizer. ``"mezo-sgd"``: SPSA projected gradient with plain SGD on it (MeZO)."""
+    method: str = "mezo-sgd"
+    """The zeroth-order method (:mod:`zo2.methods`): ``"mezo-sgd"`` (MeZO, q-SPSA with ``num_directions``),
+    ``"fzoo"`` (N one-sided Rademacher perturbations + one clean evaluation, step normalised by their
+    spread), ``"sparse-mezo"`` (only small-magnitude weights perturbed and trained), ``"adamezo"``
+    (Adam-style moments rebuilt from the last steps of the update log), ``"meazo"`` (q-SPSA with a
+    scalar adaptive step)."""
+    method_options: Mapping[str, Any] = field(default_factory=dict)
+    """The method's own options (the fields of its ``Options`` dataclass in :mod:`zo2.methods`), e.g.
+    ``{"sparsity": 0.75}`` for sparse-mezo or ``{"horizon": 10}`` for adamezo; unknown keys are refused."""
     zo2: bool = True
     """Offload transformer blocks to ``offloading_device`` and stream them through the working device.
     With ``False`` every unit stays resident on ``working_device`` (plain MeZO)."""
@@ -82,8 +89,9 @@ class ZOConfig:
     weight_decay: float = 0.0
     """Decoupled L2 factor lambda, applied only to weight matrices/embeddings (parameters with 2 or more
     dimensions), never to biases or normalisation parameters."""
-    noise: Literal["gaussian", "rademacher"] = "gaussian"
-    """Distribution of z: standard normal (MeZO) or random signs (+1/-1)."""
+    noise: Literal["gaussian", "rademacher"] | None = None
+    """Distribution of z: standard normal (MeZO) or random signs (+1/-1). ``None``: the method's own
+    (Gaussian, Rademacher for fzoo)."""
     seed: int = 0
     """Base seed. Step t perturbs with a seed derived from (seed, t): the same seed reproduces a run."""
     working_device: str = "cuda" if torch.cuda.is_available() else "cpu"
@@ -116,9 +124,28 @@ class ZOConfig:
     """Working-device memory zo2 may fill with weights and their buffers (``"18GB"``, ``"512MiB"`` or
     bytes): when ``offloading_blocks`` is None, as many blocks stay resident as fit, the rest are
     offloaded. Activations are not included: ``zo2 plan`` estimates them for a batch shape."""
-    num_directions: int = 1
-    """q-SPSA: directions z (seeds) sampled per step; each direction's update uses ``lr / q``, so a step
-    applies the mean of q projected-gradient estimates (lower variance, q dual forwards per step)."""
+    num_directions: int | None = None
+    """Directions z (seeds) per step. mezo-sgd and its kin (q-SPSA): each direction's update uses
+    ``lr / q``, so a step applies the mean of q projected-gradient estimates (2q perturbed evaluations);
+    fzoo: N one-sided perturbations (>= 2). ``None``: the method's default (1; 8 for fzoo)."""
+    max_parts_per_walk: int | None = None
+    """Cap on the evaluations (parts: θ + s·ε·z_k) computed in one walk over the model. A step's parts
+    run in as few walks as the cap allows; each walk replicates the batch once per part, so activation
+    memory grows with it, while offloaded blocks are uploaded once per walk. ``None``: all of a step's
+    parts in one walk (q-SPSA's 2q, fzoo's N + 1)."""
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule over ``schedule_steps`` (after ``warmup_steps`` of linear warm-up), down to
+    ``final_lr_ratio * lr``. An engine's ``lr_schedule`` callable, or a Trainer's scheduler, overrides it."""
+    eps_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    """Perturbation-scale schedule (eps decay) over ``schedule_steps``, down to ``final_eps_ratio * eps``."""
+    schedule_steps: int | None = None
+    """Length of the linear/cosine schedules in steps (required by them); later steps keep the final value."""
+    warmup_steps: int = 0
+    """Steps of linear learning-rate warm-up from 0 before the schedule starts (eps is not warmed up)."""
+    final_lr_ratio: float = 0.0
+    """The learning rate at the end of a linear/cosine schedule, as a fraction of ``lr``."""
+    final_eps_ratio: float = 0.1
+    """eps at the end of a linear/cosine eps schedule, as a fraction of ``eps`` (> 0)."""
     perturbation_parallel: int = 1
     """Distributed (``zo2.distributed``): 2 splits each step's +eps and -eps passes over two groups of
     ranks; 1 computes both on every rank."""
@@ -140,9 +167,11 @@ class ZOConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Check every field; raise :class:`ZOConfigError` naming the field and the allowed values."""
-        if self.method not in METHODS:
-            raise _bad("method", self.method, f"one of {list(METHODS)}")
+        """Check every field; raise :class:`ZOConfigError` naming the field and the allowed values.
+
+        Fields left to the method (``noise``, ``num_directions`` = None) are resolved here."""
+        self._validate_method()
+        self._validate_schedules()
         if self.noise not in NOISE_KINDS:
             raise _bad("noise", self.noise, f"one of {list(NOISE_KINDS)}")
         if self.kernels not in kernels.BACKENDS:
@@ -165,8 +194,18 @@ class ZOConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise _bad(name, value, "an integer >= 1")
+        if self.max_parts_per_walk is not None and (isinstance(self.max_parts_per_walk, bool) or not isinstance(
+                self.max_parts_per_walk, int) or self.max_parts_per_walk < 1):
+            raise _bad("max_parts_per_walk", self.max_parts_per_walk, "None or an integer >= 1")
+        method = methods.method_class(self.method)
+        if self.num_directions < method.min_directions:
+            raise _bad("num_directions", self.num_directions,
+                       f"an integer >= {method.min_directions} for method {self.method!r}")
         if self.perturbation_parallel not in (1, 2) or isinstance(self.perturbation_parallel, bool):
             raise _bad("perturbation_parallel", self.perturbation_parallel, "1 or 2")
+        if self.perturbation_parallel == 2 and not method.two_sided:
+            raise _bad("perturbation_parallel", 2, f"1 for method {self.method!r}, whose perturbations are "
+                       "one-sided (use direction_parallel to share its directions out)")
         if isinstance(self.direction_parallel, bool) or not isinstance(self.direction_parallel, int) or not (
                 1 <= self.direction_parallel <= self.num_directions):
             raise _bad("direction_parallel", self.direction_parallel,
@@ -194,6 +233,48 @@ class ZOConfig:
             if self.storage_dtype not in STORAGE_DTYPES:
                 raise _bad("storage_dtype", self.storage_dtype, f"None or one of {list(STORAGE_DTYPES)}")
 
+    def _validate_method(self) -> None:
+        if self.method not in METHODS:
+            raise _bad("method", self.method, f"one of {list(METHODS)}")
+        method = methods.method_class(self.method)
+        if not isinstance(self.method_options, Mapping):
+            raise _bad("method_options", self.method_options, "a mapping of option names to values")
+        self.method_options = dict(self.method_options)
+        try:
+            methods.build_options(method, self.method_options)
+        except (TypeError, ValueError) as err:
+            raise ZOConfigError(str(err)) from None
+        if self.noise is None:
+            self.noise = method.default_noise
+        if self.num_directions is None:
+            self.num_directions = method.default_directions
+
+    def _validate_schedules(self) -> None:
+        for name in ("lr_scheduler", "eps_scheduler"):
+            if getattr(self, name) not in schedules.SCHEDULES:
+                raise _bad(name, getattr(self, name), f"one of {list(schedules.SCHEDULES)}")
+        steps = self.schedule_steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise _bad("schedule_steps", steps, "None or an integer >= 1")
+        if steps is None and {self.lr_scheduler, self.eps_scheduler} != {"constant"}:
+            raise _bad("schedule_steps", steps, "the schedule's length in steps (linear and cosine need it)")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise _bad("warmup_steps", self.warmup_steps, "an integer >= 0")
+        for name, low in (("final_lr_ratio", 0.0), ("final_eps_ratio", 1e-300)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= 1:
+                raise _bad(name, value, f"a number in [{'0' if low == 0 else '>0'}, 1]")
+
+    def lr_factor(self, step: int) -> float:
+        """The factor of ``lr`` at ``step`` under ``lr_scheduler`` and ``warmup_steps``."""
+        return schedules.schedule(self.lr_scheduler, steps=self.schedule_steps, final=self.final_lr_ratio,
+                                  warmup=self.warmup_steps)(step)
+
+    def eps_at(self, step: int) -> float:
+        """The perturbation scale of ``step`` under ``eps_scheduler``."""
+        return self.eps * schedules.schedule(self.eps_scheduler, steps=self.schedule_steps,
+                                             final=self.final_eps_ratio)(step)
+
     def offloaded_block_indices(self, num_blocks: int) -> list[int]:
         """The sorted, non-negative indices of the blocks to offload in a model with ``num_blocks``."""
         if not self.zo2:
@@ -216,6 +297,7 @@ class ZOConfig:
     def to_dict(self) -> dict:
         """A JSON-serialisable dict of the fields (for checkpoints and logs)."""
         data = dataclasses.asdict(self)
+        data["method_options"] = dict(self.method_options)
         if data["offloading_blocks"] is not None:
             data["offloading_blocks"] = list(data["offloading_blocks"])
         return data

@@ -318,8 +318,7 @@ def share_masters(units: list[Unit], group: dist.ProcessGroup, pin: bool) -> Non
     for unit, master in zip(units, shared):
         if pin:  # page-locked, so uploads and write-backs run asynchronously to the host
             torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(master.data_ptr(), master.nbytes, 0))
-        unit.master = master
-        unit.point_params_at(master)
+        unit.replace_master(master)
     if dist.get_rank(group) == 0:
         logger.info("zo2: %d offloaded units in host memory shared by %d ranks (%.1f MiB once, not %d times)",
                     len(units), dist.get_world_size(group), sum(m.nbytes for m in shared) / 2**20,

@@ -1,5 +1,6 @@
-"""The dual forward: the model runs once on the batch doubled along dim 0 ([x; x]); every wrapped
-module runs its first half under theta + eps*z and its second half under theta - eps*z.
+"""The walk's forward: the model runs once on the batch replicated K times along dim 0 ([x; x; ...]);
+every wrapped module runs part k of its inputs under part k's weights (theta + s_k*eps*z_k) and
+concatenates the parts' outputs. K = 2 (+eps, -eps) is MeZO's dual forward.
 
 Which tensors of a module's arguments are batched is not guessed from shapes alone (Bloom passes
 ALiBi as (batch * heads, 1, T); ``cache_position`` is (T,)): it is calibrated by two small forwards
@@ -55,14 +56,16 @@ def tree_map(fn: Callable[[Path, torch.Tensor], Any], obj: Any, path: Path = ())
     return obj
 
 
-def tree_zip(fn: Callable[[Path, torch.Tensor, torch.Tensor], Any], first: Any, second: Any, path: Path = ()) -> Any:
-    """Rebuild two nests of the same shape with ``fn(path, a, b)`` for each pair of tensors."""
+def tree_zip(fn: Callable[..., Any], first: Any, *others: Any, path: Path = ()) -> Any:
+    """Rebuild nests of the same shape with ``fn(path, a, b, ...)`` for each tuple of tensors."""
     if isinstance(first, torch.Tensor):
-        return fn(path, first, second)
+        return fn(path, first, *others)
     if isinstance(first, dict):
-        return _rebuild(first, {k: tree_zip(fn, v, second[k], path + (k,)) for k, v in first.items()})
+        return _rebuild(first, {k: tree_zip(fn, v, *(o[k] for o in others), path=path + (k,))
+                                for k, v in first.items()})
     if isinstance(first, (tuple, list)):
-        return _rebuild(first, [tree_zip(fn, v, second[i], path + (i,)) for i, v in enumerate(first)])
+        return _rebuild(first, [tree_zip(fn, v, *(o[i] for o in others), path=path + (i,))
+                                for i, v in enumerate(first)])
     return first
 
 
@@ -112,56 +115,62 @@ class Calibration:
         return specs
 
 
-def split_inputs(spec: MemberSpec, args: tuple, kwargs: dict, half: int, name: str):
-    """Split (args, kwargs) of a doubled batch into two halves; returns (half1, half2, any_split)."""
-    doubled = 2 * half
+def split_inputs(spec: MemberSpec, args: tuple, kwargs: dict, part_batch: int, parts: int, name: str):
+    """Split (args, kwargs) of a batch replicated ``parts`` times into the parts' (args, kwargs).
+
+    Returns (pieces, any_split): pieces[k] holds rows [k*f*b, (k+1)*f*b) of every batched leaf (f its
+    calibrated factor, b = ``part_batch``); unbatched leaves are passed whole to every part."""
+    total = parts * part_batch
     split_paths = {}
     for path, tensor in leaves((args, kwargs)):
         if tensor.dim() == 0:
             continue
         factor = spec.inputs.get(path, "unknown")
         if factor == "unknown":  # a leaf calibration never saw (e.g. a mask present only with padding)
-            if tensor.shape[0] == doubled:
+            if tensor.shape[0] == total:
                 factor = 1
-            elif tensor.shape[0] % doubled == 0:
+            elif tensor.shape[0] % total == 0:
                 raise DualForwardError(f"{name}: input {path} of shape {tuple(tensor.shape)} was not seen "
                                        "during calibration and its batch layout is ambiguous")
             else:
                 factor = None
         if factor is None:
             continue
-        if tensor.shape[0] != factor * doubled:
+        if tensor.shape[0] != factor * total:
             raise DualForwardError(f"{name}: input {path} has dim 0 = {tensor.shape[0]}, expected "
-                                   f"{factor} x {doubled} (factor x doubled batch) as calibrated")
-        split_paths[path] = factor * half
-    first = tree_map(lambda p, t: t[:split_paths[p]] if p in split_paths else t, (args, kwargs))
-    second = tree_map(lambda p, t: t[split_paths[p]:] if p in split_paths else t, (args, kwargs))
-    return first, second, bool(split_paths)
+                                   f"{factor} x {total} (factor x replicated batch) as calibrated")
+        split_paths[path] = factor * part_batch
+
+    def piece(k: int):
+        return tree_map(lambda p, t: t[k * split_paths[p]:(k + 1) * split_paths[p]] if p in split_paths else t,
+                        (args, kwargs))
+    return [piece(k) for k in range(parts)], bool(split_paths)
 
 
-def merge_outputs(spec: MemberSpec, first: Any, second: Any, half: int, inputs_split: bool, name: str) -> Any:
-    """Concatenate the two halves' outputs; broadcast outputs of modules that saw no batched input."""
+def merge_outputs(spec: MemberSpec, outputs: list[Any], part_batch: int, inputs_split: bool, name: str) -> Any:
+    """Concatenate the parts' outputs; broadcast outputs of modules that saw no batched input."""
 
-    def merge(path: Path, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if a.dim() == 0:
-            raise DualForwardError(f"{name}: output {path} is a scalar; zo2 cannot tell the halves apart")
-        if not inputs_split:  # e.g. GPT-2's position embedding of (1, T): each half gets its own copy
-            if a.shape[0] != 1:
-                raise DualForwardError(f"{name}: output {path} of shape {tuple(a.shape)} comes from unbatched "
-                                       "inputs and cannot be broadcast to the batch halves")
-            return torch.cat((a.expand(half, *a.shape[1:]), b.expand(half, *b.shape[1:])))
-        factor = spec.outputs.get(path, 1 if a.shape[0] == half else None)
-        if factor is None or a.shape[0] != factor * half:
-            raise DualForwardError(f"{name}: output {path} of shape {tuple(a.shape)} does not scale with the "
-                                   "batch; zo2 cannot merge the two halves")
-        return torch.cat((a, b))
+    def merge(path: Path, *tensors: torch.Tensor) -> torch.Tensor:
+        first = tensors[0]
+        if first.dim() == 0:
+            raise DualForwardError(f"{name}: output {path} is a scalar; zo2 cannot tell the parts apart")
+        if not inputs_split:  # e.g. GPT-2's position embedding of (1, T): each part gets its own copy
+            if first.shape[0] != 1:
+                raise DualForwardError(f"{name}: output {path} of shape {tuple(first.shape)} comes from unbatched "
+                                       "inputs and cannot be broadcast to the batch parts")
+            return torch.cat([t.expand(part_batch, *t.shape[1:]) for t in tensors])
+        factor = spec.outputs.get(path, 1 if first.shape[0] == part_batch else None)
+        if factor is None or first.shape[0] != factor * part_batch:
+            raise DualForwardError(f"{name}: output {path} of shape {tuple(first.shape)} does not scale with the "
+                                   "batch; zo2 cannot merge the parts")
+        return torch.cat(tensors)
 
-    return tree_zip(merge, first, second)
+    return tree_zip(merge, *outputs)
 
 
-def double_batch(inputs: dict[str, Any], batch_size: int) -> dict[str, Any]:
-    """[x; x] for every tensor whose dim 0 is the batch size; other values pass unchanged."""
-    return {k: torch.cat((v, v)) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch_size else v
+def replicate_batch(inputs: dict[str, Any], batch_size: int, parts: int) -> dict[str, Any]:
+    """[x; x; ...] (``parts`` times) for every tensor whose dim 0 is the batch size; others pass unchanged."""
+    return {k: torch.cat([v] * parts) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch_size else v
             for k, v in inputs.items()}
 
 

@@ -89,9 +89,9 @@ def _rows(output: Any, start: int, stop: int) -> dict:
     return {k: v[start:stop] if isinstance(v, torch.Tensor) and v.dim() else v for k, v in output.items()}
 
 
-def split_output(output: Any, half: int) -> tuple[dict, dict]:
-    """The +eps half (rows [0, half)) and the -eps half (rows [half, 2 half)) of a doubled-batch output."""
-    return _rows(output, 0, half), _rows(output, half, 2 * half)
+def split_output(output: Any, part_batch: int, parts: int) -> list[dict]:
+    """The ``parts`` row blocks of a replicated-batch output: part k is rows [k*b, (k+1)*b)."""
+    return [_rows(output, k * part_batch, (k + 1) * part_batch) for k in range(parts)]
 
 
 def _count(task: str, targets: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -29,6 +29,10 @@ _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
 _ROUNDS = 10
 _INT_TO_UNIT = 4.6566127342e-10  # Triton's scale: largest value with MAX_INT * scale < 1.0 in float32
 
+#: Version of the values this module (and every kernel backend) generates for a (seed, unit, element):
+#: recorded in every update history, which refuses to replay under another version.
+GENERATOR_VERSION = 1
+
 #: Streams of the counter's third word: independent noise for independent purposes.
 PERTURBATION_STREAM = 0
 ROUNDING_STREAM = 1

@@ -22,7 +22,9 @@ from typing import Any, Collection, Sequence
 import torch
 from torch import nn
 
+from . import methods
 from .config import STORAGE_DTYPES, ZOConfig, ZOConfigError
+from .history import UpdateLog
 from .models import find_blocks
 
 #: OPT shapes (hidden, layers, heads; ffn = 4 x hidden) for random-init benchmarks and plans.
@@ -134,21 +136,44 @@ def resolve_scope(config: ZOConfig, streams: bool, module_scope_ok: bool = True,
     return "unit" if scope == "module" and not module_scope_ok else scope
 
 
-def perturbed_bytes(sizes: ModelSizes, scope: str) -> int:
-    """Bytes of perturbed copies in flight. Unit scope: both copies of every non-block unit (a tied
-    embedding is read again by the head, so its copies live for the whole walk) and of one block.
-    Module scope: both copies of those units' vectors, and one module's matrices at a time."""
+@dataclass(frozen=True)
+class WalkShape:
+    """How a step of a config runs: its parts (evaluations) and the walks they take."""
+
+    parts: int
+    """Evaluations per step (2q for q-SPSA, N + 1 for fzoo)."""
+    per_walk: int
+    """Parts computed in one walk (``max_parts_per_walk`` caps it): the batch is replicated this often."""
+    walks: int
+    """Walks per (micro-)batch: each uploads every offloaded block once."""
+    perturbed_per_walk: int
+    """Perturbed copies a walk makes of each unit at most (clean parts read the weights themselves)."""
+
+
+def walk_shape(config: ZOConfig) -> WalkShape:
+    """The :class:`WalkShape` of ``config``'s method, directions and ``max_parts_per_walk``."""
+    method = methods.method_class(config.method)(config, UpdateLog(config.num_directions))
+    parts = method.parts(list(range(config.num_directions)))
+    per_walk = min(config.max_parts_per_walk or len(parts), len(parts))
+    perturbed = sum(1 for part in parts if part.sign)
+    return WalkShape(len(parts), per_walk, -(-len(parts) // per_walk), min(per_walk, perturbed))
+
+
+def perturbed_bytes(sizes: ModelSizes, scope: str, copies: int = 2) -> int:
+    """Bytes of perturbed copies in flight with ``copies`` perturbed parts per walk. Unit scope: the copies
+    of every non-block unit (a tied embedding is read again by the head, so its copies live for the whole
+    walk) and of one block. Module scope: the copies of those units' vectors, and one module's matrices."""
     if scope == "unit":
-        return 2 * (sizes.fixed + max(sizes.blocks, default=0))
-    return sizes.module_matrices + 2 * (sizes.fixed_vectors + sizes.block_vectors)
+        return copies * (sizes.fixed + max(sizes.blocks, default=0))
+    return sizes.module_matrices + copies * (sizes.fixed_vectors + sizes.block_vectors)
 
 
-def working_bytes(sizes: ModelSizes, offloaded: Collection[int], num_slots: int, scope: str) -> int:
+def working_bytes(sizes: ModelSizes, offloaded: Collection[int], num_slots: int, scope: str, copies: int = 2) -> int:
     """Working-device bytes of weights and zo2's buffers with the ``offloaded`` blocks streaming: the
     non-block units and resident blocks, the slots (if any block streams) and the perturbed copies."""
     streamed = [size for i, size in enumerate(sizes.blocks) if i in offloaded]
     slots = num_slots * max(streamed) if streamed else 0
-    return sizes.fixed + sum(sizes.blocks) - sum(streamed) + slots + perturbed_bytes(sizes, scope)
+    return sizes.fixed + sum(sizes.blocks) - sum(streamed) + slots + perturbed_bytes(sizes, scope, copies)
 
 
 def resident_block_count(sizes: ModelSizes, budget: int, config: ZOConfig, module_scope_ok: bool = True,
@@ -156,13 +181,13 @@ def resident_block_count(sizes: ModelSizes, budget: int, config: ZOConfig, modul
     """The most leading blocks that can stay resident within ``budget`` bytes (the rest stream).
 
     Raises :class:`BudgetError` when even streaming every block does not fit."""
-    count = len(sizes.blocks)
+    count, copies = len(sizes.blocks), walk_shape(config).perturbed_per_walk
     for resident in range(count, -1, -1):
         scope = resolve_scope(config, resident < count, module_scope_ok, accelerator)
-        if working_bytes(sizes, range(resident, count), config.num_slots, scope) <= budget:
+        if working_bytes(sizes, range(resident, count), config.num_slots, scope, copies) <= budget:
             return resident
     minimum = working_bytes(sizes, range(count), config.num_slots, resolve_scope(config, count > 0, module_scope_ok,
-                                                                                 accelerator))
+                                                                                 accelerator), copies)
     raise BudgetError(f"ZOConfig.gpu_memory_budget={human_bytes(budget)} is below the {human_bytes(minimum)} this "
                       f"model needs with every block offloaded (non-block units {human_bytes(sizes.fixed)} "
                       f"resident, {config.num_slots} slots, perturbed copies in flight); raise the budget or "
@@ -189,19 +214,19 @@ def _dims(config) -> dict[str, int]:
             "heads": int(getattr(text, "num_attention_heads", 1))}
 
 
-def activation_bytes(config, batch_size: int, seq_len: int, dtype: torch.dtype) -> int:
-    """A rough peak of activations in one dual walk: hidden states of the doubled batch, one half's MLP
-    intermediate (halves run one after the other), and the larger of the logits' two peaks: both halves
-    plus their concatenation while the head merges them, or the merged logits plus the float32 chunk
-    the loss works on (``zo2.losses.LOSS_CHUNK``). Attention scores are not counted (SDPA / flash
-    attention do not materialise them)."""
+def activation_bytes(config, batch_size: int, seq_len: int, dtype: torch.dtype, parts: int = 2) -> int:
+    """A rough peak of activations in one walk of ``parts`` parts: hidden states of the replicated batch,
+    one part's MLP intermediate (parts run one after the other), and the larger of the logits' two peaks:
+    every part's plus their concatenation while the head merges them, or the merged logits plus the
+    float32 chunk the loss works on (``zo2.losses.LOSS_CHUNK``). Attention scores are not counted (SDPA /
+    flash attention do not materialise them)."""
     from .losses import LOSS_CHUNK
 
     d, size = _dims(config), dtype.itemsize
     tokens = batch_size * seq_len
-    hidden = 2 * tokens * d["hidden"] * size * 4
+    hidden = parts * tokens * d["hidden"] * size * 4
     mlp = tokens * d["inner"] * size * 2
-    logits = 2 * tokens * d["vocab"] * size
+    logits = parts * tokens * d["vocab"] * size
     return hidden + mlp + max(2 * logits, logits + 2 * 4 * min(LOSS_CHUNK, tokens * d["vocab"]))
 
 
@@ -280,21 +305,24 @@ def make_plan(model: nn.Module, config: ZOConfig, *, batch_size: int = 1, seq_le
     offloaded = set(offloaded_blocks(config, sizes))
     streamed = [b for i, b in enumerate(blocks) if i in offloaded]
     scope = resolve_scope(config, bool(streamed))
-    working = working_bytes(sizes, offloaded, config.num_slots, scope)
-    walks = config.num_directions * micro_batches
+    shape = walk_shape(config)
+    copies = shape.perturbed_per_walk
+    working = working_bytes(sizes, offloaded, config.num_slots, scope, copies)
+    walks = shape.walks * micro_batches
     up = sum(streamed) * walks
     down = sum(streamed) // config.write_back_every
     act_dtype = activation_dtype or next(model.parameters()).dtype
-    tokens = 2 * batch_size * seq_len * walks  # both perturbed passes
+    tokens = shape.parts * batch_size * seq_len * micro_batches  # every part's forward
     flops = _forward_flops(model, model.config, tokens, seq_len, n)
     total = fixed + sum(blocks)
     transfer = max(up / (machine.h2d_gbps * 1e9), down / (machine.d2h_gbps * 1e9),
                    (up + down) / (machine.duplex_gbps * 1e9)) if streamed else 0.0
-    # unit scope: per walk one fused pass reads each master and writes both copies (+ the update's write);
-    # module scope: the update reads and writes each master once, then each half reads it and writes a copy
-    noise_bytes = total * (3 * walks + 1) if scope == "unit" else total * (4 * walks + 2)
+    # unit scope: per walk one fused pass reads each master and writes its copies (+ the update's write);
+    # module scope: the update reads and writes each master once, then each part reads it and writes a copy
+    noise_bytes = total * ((1 + copies) * walks + 1) if scope == "unit" else total * (2 * copies * walks + 2)
     return Plan(num_blocks=n, resident_blocks=n - len(streamed), scope=scope, weights_bytes=total,
-                working_weights_bytes=working, activation_bytes=activation_bytes(model.config, batch_size, seq_len, act_dtype),
+                working_weights_bytes=working,
+                activation_bytes=activation_bytes(model.config, batch_size, seq_len, act_dtype, shape.per_walk),
                 host_bytes=sum(streamed), upload_bytes=up, download_bytes=down, flops=flops,
                 transfer_floor_s=transfer, compute_floor_s=flops / (machine.matmul_tflops * 1e12),
                 noise_floor_s=noise_bytes / (machine.memory_gbps * 1e9))

@@ -31,8 +31,6 @@ class Unit:
     n_decay: int
     """Elements [0, n_decay) receive weight decay; the rest (biases, norms) never do."""
     offsets: list[int] = field(default_factory=list)
-    applied: int = 0
-    """How many entries of the engine's update history have been applied to ``master``."""
 
     @property
     def numel(self) -> int:
@@ -46,6 +44,15 @@ class Unit:
         """Make this unit's parameters read from ``buffer`` (no copy)."""
         for param, view in zip(self.params, self.views(buffer)):
             param.data = view
+
+    def replace_master(self, buffer: torch.Tensor) -> None:
+        """Hold the master in ``buffer`` instead (e.g. memory shared between processes), which must already
+        hold the same weights; the parameters are pointed at it."""
+        if buffer.shape != self.master.shape or buffer.dtype != self.master.dtype:
+            raise ValueError(f"unit {self.name}: a new master must be a {tuple(self.master.shape)} "
+                             f"{self.master.dtype} tensor, got {tuple(buffer.shape)} {buffer.dtype}")
+        self.master = buffer
+        self.point_params_at(buffer)
 
 
 def _layout(params: list[nn.Parameter]) -> tuple[list[nn.Parameter], int]:
@@ -89,3 +96,47 @@ class SlotPool:
 
     def __len__(self) -> int:
         return len(self.buffers)
+
+
+class BufferPool:
+    """Working buffers reused from step to step (perturbed copies of units and matrices).
+
+    ``take(numel)`` hands out the first ``numel`` elements of the smallest free buffer that holds them
+    (allocating one when none does), ``give`` returns it. Steps ask for the same sizes in the same
+    order, so after the first step nothing is allocated: no page faults on the CPU, no allocator work
+    on the GPU. The pool holds at most what one step held at its peak."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._free: dict[torch.dtype, list[torch.Tensor]] = {}
+        self._lent: dict[int, torch.Tensor] = {}  # data_ptr of a lent view -> its whole buffer
+
+    def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A 1-D tensor of ``numel`` elements (contents undefined) until it is given back."""
+        if numel == 0:
+            return torch.empty(0, dtype=dtype, device=self.device)
+        free = self._free.setdefault(dtype, [])
+        fitting = [i for i, b in enumerate(free) if b.numel() >= numel]
+        if fitting:
+            buffer = free.pop(min(fitting, key=lambda i: free[i].numel()))
+        else:
+            buffer = torch.empty(numel, dtype=dtype, device=self.device)
+        view = buffer[:numel]
+        self._lent[view.data_ptr()] = buffer
+        return view
+
+    def give(self, view: torch.Tensor) -> None:
+        """Return a tensor from :meth:`take`; it may be handed out again."""
+        if view.numel() == 0:
+            return
+        buffer = self._lent.pop(view.data_ptr(), None)
+        if buffer is not None:
+            self._free.setdefault(buffer.dtype, []).append(buffer)
+
+    def forget(self, view: torch.Tensor) -> None:
+        """Never reuse this tensor's buffer (something outside zo2 still reads it)."""
+        self._lent.pop(view.data_ptr(), None)
+
+    def clear(self) -> None:
+        """Drop every free buffer (lent ones are dropped when given back)."""
+        self._free.clear()

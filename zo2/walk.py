@@ -1,0 +1,136 @@
+"""One walk over the model: the model's own forward on the batch replicated once per part, every
+wrapped member computing part k of its inputs under part k's weights (theta + s_k*eps*z_k).
+
+A unit's weights for the walk are prepared when its first reader runs (:meth:`Walk.ready`): the
+pending updates of the update log are applied (fused with the perturbation), an offloaded master is
+written back when due, and the scope strategy (:mod:`zo2.scope`) writes the perturbed weights. They
+are let go when the unit's last reader is done, so an offloaded block holds a slot only while needed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import dual
+from .history import UpdateLog
+from .methods import Method, Part
+from .scheduler import TransferScheduler
+from .scope import ModuleScope, UnitScope, aliases
+from .storage import BufferPool, Unit
+from .wrapping import Wrapped
+
+
+@dataclass
+class WalkContext:
+    """What every walk of an engine shares."""
+
+    method: Method
+    log: UpdateLog
+    scope: UnitScope | ModuleScope
+    scheduler: TransferScheduler | None
+    pool: BufferPool
+    readers: dict[int, int]
+    """Per unit index, how many wrapped members read the unit."""
+    write_back_every: int
+
+
+class Walk:
+    """State of one walk: the parts it evaluates and the perturbed weights in flight."""
+
+    def __init__(self, ctx: WalkContext, parts: list[Part], eps: float, part_batch: int,
+                 specs: dict[str, dual.MemberSpec]) -> None:
+        self.ctx, self.parts, self.eps, self.part_batch, self.specs = ctx, parts, eps, part_batch, specs
+        self.part = 0
+        """Index into ``parts`` of the part being computed."""
+        self.views: dict[int, list[list[torch.Tensor | None]]] = {}
+        """Per unit in flight, per part: each parameter's perturbed view (None: perturbed by its module)."""
+        self.buffers: dict[int, torch.Tensor] = {}
+        """Module scope: the updated weights of each unit in flight, which matrices are perturbed from."""
+        self.lent: dict[int, list[torch.Tensor]] = {}
+        """Per unit in flight, the pool buffers holding its perturbed copies."""
+        self.readers_left: dict[int, int] = {}
+        self.slots_held: set[int] = set()
+
+    def ready(self, unit: Unit) -> None:
+        """Make the unit's weights of every part available (first reader of the walk only)."""
+        if unit.index in self.views:
+            return
+        ctx = self.ctx
+        steps = ctx.log.pending(unit.index)
+        buffer = ctx.scheduler.acquire(unit) if unit.offloaded else unit.master
+        reads_buffer = ctx.scope.ready(self, unit, buffer, steps)
+        if not unit.offloaded:
+            ctx.log.mark_applied(unit.index)
+        else:
+            # the host master may lag: its pending updates are replayed on every upload until due
+            if len(steps) >= ctx.write_back_every:
+                ctx.scheduler.write_back(unit, buffer)
+                ctx.log.mark_applied(unit.index)
+            if reads_buffer:
+                self.slots_held.add(unit.index)
+            else:
+                ctx.scheduler.release(unit)
+        self.readers_left[unit.index] = ctx.readers[unit.index]
+
+    def member(self, entry: Wrapped, args: tuple, kwargs: dict) -> Any:
+        """Run ``entry`` on each part of its inputs under that part's weights; merge the outputs."""
+        for unit in entry.units:
+            self.ready(unit)
+        name, count = entry.member.name, len(self.parts)
+        if count == 1:  # one part: the plain forward under its weights, no replicated batch
+            pieces, was_split, spec = [(args, kwargs)], False, None
+        else:
+            spec = self.specs.get(name, dual.MemberSpec())
+            pieces, was_split = dual.split_inputs(spec, args, kwargs, self.part_batch, count, name)
+        outputs = []
+        for part, (part_args, part_kwargs) in enumerate(pieces):
+            self.part = part
+            for param, unit, k in entry.refs:
+                view = self.views[unit.index][part][k]
+                if view is not None:
+                    param.data = view
+            self.ctx.scope.enter_part(self, entry.matrices)
+            output = entry.forward(*part_args, **part_kwargs)
+            self.ctx.scope.leave_part(self, entry.matrices, output)
+            outputs.append(output)
+        if count == 1:
+            self._keep_aliased(entry, outputs[0])
+        self._done(entry)
+        if count == 1:
+            return outputs[0]
+        return dual.merge_outputs(spec, outputs, self.part_batch, was_split, name)
+
+    def _keep_aliased(self, entry: Wrapped, output: Any) -> None:
+        """An unmerged output that is a view of a perturbed copy keeps that copy out of the pool."""
+        for unit in entry.units:
+            for copy in list(self.lent.get(unit.index, ())):
+                if aliases(output, copy):
+                    self.ctx.pool.forget(copy)
+                    self.lent[unit.index].remove(copy)
+
+    def _done(self, entry: Wrapped) -> None:
+        for unit in entry.units:
+            unit.point_params_at(unit.master)
+            self.readers_left[unit.index] -= 1
+            if self.readers_left[unit.index] == 0:  # last reader done: free the perturbed weights
+                self._let_go(unit)
+
+    def _let_go(self, unit: Unit) -> None:
+        del self.views[unit.index]
+        self.buffers.pop(unit.index, None)
+        for copy in self.lent.pop(unit.index, ()):
+            self.ctx.pool.give(copy)
+        if unit.index in self.slots_held:
+            self.slots_held.discard(unit.index)
+            self.ctx.scheduler.release(unit)
+
+    def abandon(self) -> None:
+        """After an interrupted forward: return every perturbed copy to the pool."""
+        for copies in self.lent.values():
+            for copy in copies:
+                self.ctx.pool.give(copy)
+        self.lent.clear()
+        self.views.clear()
+        self.buffers.clear()
