@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Sequence
 
@@ -97,8 +98,12 @@ class ZOConfig:
     working_device: str = "cuda" if torch.cuda.is_available() else "cpu"
     """Device that runs the forward passes: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``."""
     offloading_device: str = "cpu"
-    """Where offloaded blocks' master weights live between uses (``"cpu"``: pinned host memory when the
-    working device is CUDA)."""
+    """Where offloaded blocks' master weights live between uses: ``"cpu"`` (pinned host memory when the
+    working device is CUDA) or ``"disk"`` (files in ``offload_dir``, read ahead into staging buffers;
+    with ``host_memory_budget`` the leading offloaded blocks that fit stay in host memory)."""
+    offload_dir: str | None = None
+    """Folder of the disk-offloaded masters (``offloading_device="disk"``): one file per block, on a fast
+    local disk. It must exist and be writable by one engine at a time; its space is checked at start-up."""
     offloading_blocks: Sequence[int] | None = None
     """Indices of the transformer blocks to offload (negative indices count from the end); ``None``
     offloads every block. Ignored when ``zo2`` is False. Embedding and head units stay resident."""
@@ -124,6 +129,11 @@ class ZOConfig:
     """Working-device memory zo2 may fill with weights and their buffers (``"18GB"``, ``"512MiB"`` or
     bytes): when ``offloading_blocks`` is None, as many blocks stay resident as fit, the rest are
     offloaded. Activations are not included: ``zo2 plan`` estimates them for a batch shape."""
+    host_memory_budget: int | str | None = None
+    """Host memory zo2 may fill (``"64GB"`` or bytes): offloaded masters kept in host memory, the staging
+    buffers of disk reads, and on a CPU working device everything the working device holds. With
+    ``offloading_device="disk"`` the leading offloaded blocks that fit stay in host memory, the rest live
+    on disk; ``None``: every offloaded block goes to disk. Python, torch and activations are not included."""
     num_directions: int | None = None
     """Directions z (seeds) per step. mezo-sgd and its kin (q-SPSA): each direction's update uses
     ``lr / q``, so a step applies the mean of q projected-gradient estimates (2q perturbed evaluations);
@@ -215,14 +225,15 @@ class ZOConfig:
         timeout = self.distributed_timeout
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
             raise _bad("distributed_timeout", timeout, "a finite number of seconds > 0")
-        if self.gpu_memory_budget is not None:
-            try:
-                self.gpu_memory_budget = parse_bytes(self.gpu_memory_budget)
-            except ValueError:
-                raise _bad("gpu_memory_budget", self.gpu_memory_budget,
-                           "None, a number of bytes or a size such as '18GB' or '512MiB'") from None
+        for name in ("gpu_memory_budget", "host_memory_budget"):
+            if getattr(self, name) is not None:
+                try:
+                    setattr(self, name, parse_bytes(getattr(self, name)))
+                except ValueError:
+                    raise _bad(name, getattr(self, name),
+                               "None, a number of bytes or a size such as '18GB' or '512MiB'") from None
         _check_device("working_device", self.working_device)
-        _check_device("offloading_device", self.offloading_device)
+        self._validate_disk()
         if self.offloading_blocks is not None:
             if isinstance(self.offloading_blocks, (str, bytes)) or not all(
                     isinstance(i, int) and not isinstance(i, bool) for i in self.offloading_blocks):
@@ -232,6 +243,26 @@ class ZOConfig:
                                                     str(self.storage_dtype).replace("torch.", ""))
             if self.storage_dtype not in STORAGE_DTYPES:
                 raise _bad("storage_dtype", self.storage_dtype, f"None or one of {list(STORAGE_DTYPES)}")
+
+    def _validate_disk(self) -> None:
+        if self.offloading_device != "disk":
+            _check_device("offloading_device", self.offloading_device)
+            return
+        if not isinstance(self.offload_dir, (str, os.PathLike)) or not str(self.offload_dir):
+            raise _bad("offload_dir", self.offload_dir, "the folder for offloading_device='disk' (an existing, "
+                       "writable folder on a fast local disk)")
+        self.offload_dir = os.fspath(self.offload_dir)
+        if self.sliced_transfers:
+            raise _bad("sliced_transfers", True, "False with offloading_device='disk' (sliced transfers share "
+                       "host-memory masters between processes)")
+        if self.method == "sparse-mezo":
+            raise _bad("offloading_device", "disk", "'cpu' for method 'sparse-mezo', whose thresholds are computed "
+                       "from every weight at start-up")
+
+    @property
+    def offloads_to_disk(self) -> bool:
+        """Whether offloaded blocks may live on disk (``offloading_device="disk"``)."""
+        return self.zo2 and self.offloading_device == "disk"
 
     def _validate_method(self) -> None:
         if self.method not in METHODS:

@@ -31,8 +31,9 @@ from .history import HistoryError, Update, UpdateLog
 from .kernels import apply_updates, update_and_perturb
 from .methods import Part, method_class
 from .models import UnsupportedModelError, find_partition
-from .placement import place
+from .placement import WeightSource, place
 from .scheduler import TransferScheduler
+from .staging import DiskTransferScheduler
 from .scope import SCOPES, Matrix
 from .storage import BufferPool, SlotPool, Unit
 from .walk import Walk, WalkContext
@@ -113,7 +114,8 @@ class ZOEngine:
     """
 
     def __init__(self, model: nn.Module, config: ZOConfig, *,
-                 lr_schedule: Callable[[int], float] | None = None, role: Role | None = None) -> None:
+                 lr_schedule: Callable[[int], float] | None = None, role: Role | None = None,
+                 weights: WeightSource | None = None) -> None:
         config.validate()
         self.model, self.config = model, config
         self.role = role or Role()
@@ -136,9 +138,11 @@ class ZOEngine:
             raise UnsupportedModelError(
                 f"{type(model).__name__} reads a weight matrix outside the module that owns it, so "
                 "ZOConfig.perturbation_scope='module' cannot perturb it there; use 'unit' or 'auto'")
-        placement = place(model, partition, config, self.device)
+        placement = place(model, partition, config, self.device, weights)
         self.units, self.scope = placement.units, placement.scope
         """``scope``: ``"unit"`` or ``"module"``, the resolved ``ZOConfig.perturbation_scope``."""
+        self.store = placement.store
+        """The files of the disk-offloaded units (:class:`zo2.disk.DiskStore`), or None."""
         strategy = SCOPES[self.scope]()
         hooks = (self._enter_matrices, self._leave_matrices) if strategy.hooks_matrices else None
         self._wrapped, self._hooks = wrap(partition, self.units, self._member_call, matrix_hooks=hooks)
@@ -171,6 +175,8 @@ class ZOEngine:
         offloaded = [u for u in self.units if u.offloaded]
         if not offloaded:
             return None
+        if self.store is not None:  # disk-offloaded units stream through staging buffers (zo2.staging)
+            return DiskTransferScheduler(offloaded, self.store, self.log, self.config.num_slots, self.device)
         pool = SlotPool(self.config.num_slots, max(u.numel for u in offloaded), offloaded[0].master.dtype, self.device)
         return (self.role.make_scheduler or TransferScheduler)(offloaded, pool, self.device)
 
@@ -459,6 +465,8 @@ class ZOEngine:
                 f"{'unit':<14}{'params':>14}  {'dtype':<10}where"]
         for unit in self.units:
             where = f"{unit.master.device} (offloaded)" if unit.offloaded else f"{unit.master.device} (resident)"
+            if self.store is not None and self.store.holds(unit):
+                where = f"disk: {self.store.path(unit.index).name}"
             rows.append(f"{unit.name:<14}{unit.numel:>14,}  {str(unit.master.dtype).replace('torch.', ''):<10}{where}")
         return "\n".join(rows)
 

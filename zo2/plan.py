@@ -24,6 +24,7 @@ from torch import nn
 
 from . import methods
 from .config import STORAGE_DTYPES, ZOConfig, ZOConfigError
+from .disk import padded
 from .history import UpdateLog
 from .models import find_blocks
 
@@ -48,6 +49,11 @@ class Machine:
     matmul_tflops: float = 799.0
     memory_gbps: float = 3350.0
     """Device memory bandwidth: the fused noise passes are bound by it."""
+    disk_read_gbps: float = 6.0
+    """Sequential read rate of the offload disk (an assumed PCIe Gen4 NVMe SSD; measure yours with
+    ``bench/disk_bench.py``)."""
+    disk_write_gbps: float = 4.0
+    """Sequential write rate of the offload disk (assumed, as ``disk_read_gbps``)."""
 
 
 def opt_config(size: str, depth: int | None = None):
@@ -205,6 +211,51 @@ def offloaded_blocks(config: ZOConfig, sizes: ModelSizes, module_scope_ok: bool 
     return list(range(resident, count))
 
 
+#: Where a block lives: resident on the working device, offloaded to host memory, or offloaded to disk.
+LOCATIONS = ("device", "host", "disk")
+
+
+def host_bytes(sizes: ModelSizes, locations: Sequence[str], config: ZOConfig, scope: str, copies: int = 2,
+               accelerator: bool = True) -> int:
+    """Host bytes zo2 holds with blocks at ``locations``: the masters of blocks offloaded to host memory,
+    the ``num_slots`` staging buffers that disk reads land in (aligned, each the largest disk block),
+    and on a CPU working device everything the working device holds (there it is host memory; its slots
+    are the staging buffers)."""
+    held = sum(size for size, where in zip(sizes.blocks, locations) if where == "host")
+    on_disk = [size for size, where in zip(sizes.blocks, locations) if where == "disk"]
+    if not accelerator:
+        offloaded = [i for i, where in enumerate(locations) if where != "device"]
+        return held + working_bytes(sizes, offloaded, config.num_slots, scope, copies)
+    return held + (config.num_slots * padded(max(on_disk)) if on_disk else 0)
+
+
+def block_locations(config: ZOConfig, sizes: ModelSizes, module_scope_ok: bool = True,
+                    accelerator: bool = True) -> list[str]:
+    """Where each block lives (one of :data:`LOCATIONS`): the working device holds the leading blocks
+    ``gpu_memory_budget`` allows (:func:`offloaded_blocks`); with ``offloading_device="disk"`` the leading
+    offloaded blocks that ``host_memory_budget`` holds stay in host memory and the rest live on disk
+    (every offloaded block without a host budget). Raises :class:`BudgetError` when the host budget
+    cannot hold even the staging buffers (and, on a CPU working device, the working set)."""
+    offloaded = offloaded_blocks(config, sizes, module_scope_ok, accelerator)
+    spill = "disk" if config.offloads_to_disk else "host"
+    locations = ["device" if i not in offloaded else spill for i in range(len(sizes.blocks))]
+    budget = config.host_memory_budget
+    if budget is None:
+        return locations
+    scope = resolve_scope(config, bool(offloaded), module_scope_ok, accelerator)
+    copies = walk_shape(config).perturbed_per_walk
+    for kept in range(len(offloaded) if spill == "disk" else 0, -1, -1):
+        trial = [("host" if i in offloaded[:kept] else where) for i, where in enumerate(locations)]
+        if host_bytes(sizes, trial, config, scope, copies, accelerator) <= budget:
+            return trial
+    needed = host_bytes(sizes, locations, config, scope, copies, accelerator)
+    fix = ("raise it or lower num_slots" if spill == "disk" else
+           "raise it, or set offloading_device='disk' (and offload_dir) to keep blocks on disk")
+    raise BudgetError(f"ZOConfig.host_memory_budget={human_bytes(budget)} is below the {human_bytes(needed)} zo2 needs "
+                      f"in host memory with {'every offloaded block on disk' if spill == 'disk' else 'these blocks'} "
+                      f"({config.num_slots} staging buffers{', and the working set on a CPU working device' if not accelerator else ''}); {fix}")
+
+
 def _dims(config) -> dict[str, int]:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = int(text.hidden_size)
@@ -245,18 +296,26 @@ class Plan:
     activation_bytes: int
     """Working device: estimated activation peak (see ``activation_bytes``)."""
     host_bytes: int
-    """Offloading device: the offloaded masters."""
+    """Host memory: masters offloaded to it, plus the staging buffers of disk reads."""
+    disk_blocks: int
+    """Blocks whose masters live on disk (``offloading_device="disk"``)."""
+    disk_bytes: int
+    """The disk-offloaded masters."""
+    disk_read_bytes: int
+    disk_write_bytes: int
     upload_bytes: int
     download_bytes: int
     flops: float
     transfer_floor_s: float
     compute_floor_s: float
     noise_floor_s: float
+    disk_floor_s: float
+    """Disk reads and writes of a step at the disk's rates (they share the disk, so their times add)."""
 
     @property
     def step_floor_s(self) -> float:
-        """The larger of the transfer floor and compute + noise (transfers overlap compute)."""
-        return max(self.transfer_floor_s, self.compute_floor_s + self.noise_floor_s)
+        """The largest of the transfer floor, the disk floor and compute + noise (they all overlap)."""
+        return max(self.transfer_floor_s, self.disk_floor_s, self.compute_floor_s + self.noise_floor_s)
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "step_floor_s": self.step_floor_s}
@@ -265,17 +324,23 @@ class Plan:
         """A human-readable table."""
         rows = [
             ("blocks resident / streamed", f"{self.resident_blocks} / {self.num_blocks - self.resident_blocks}"),
+            ("blocks on working device / host / disk", f"{self.resident_blocks} / "
+             f"{self.num_blocks - self.resident_blocks - self.disk_blocks} / {self.disk_blocks}"),
             ("perturbation scope", self.scope),
             ("stored weights", human_bytes(self.weights_bytes)),
             ("working device: weights + buffers", human_bytes(self.working_weights_bytes)),
             ("working device: activations (est.)", human_bytes(self.activation_bytes)),
             ("working device: total (est.)", human_bytes(self.working_weights_bytes + self.activation_bytes)),
-            ("host: offloaded masters", human_bytes(self.host_bytes)),
+            ("host: offloaded masters + staging", human_bytes(self.host_bytes)),
+            ("disk: offloaded masters", human_bytes(self.disk_bytes)),
             ("moved per step: up / down", f"{human_bytes(self.upload_bytes)} / {human_bytes(self.download_bytes)}"),
+            ("disk per step: read / written", f"{human_bytes(self.disk_read_bytes)} / "
+             f"{human_bytes(self.disk_write_bytes)}"),
             ("forward FLOPs per step", f"{self.flops / 1e12:.1f} TFLOP"),
             ("floor: transfers", f"{self.transfer_floor_s * 1e3:.1f} ms"),
             ("floor: compute (matmuls)", f"{self.compute_floor_s * 1e3:.1f} ms"),
             ("floor: noise passes", f"{self.noise_floor_s * 1e3:.1f} ms"),
+            ("floor: disk", f"{self.disk_floor_s * 1e3:.1f} ms"),
             ("floor: step", f"{self.step_floor_s * 1e3:.1f} ms"),
         ]
         width = max(len(name) for name, _ in rows)
@@ -302,8 +367,10 @@ def make_plan(model: nn.Module, config: ZOConfig, *, batch_size: int = 1, seq_le
     sizes = model_sizes(model, dtype)
     fixed, blocks = sizes.fixed, sizes.blocks
     n = len(blocks)
-    offloaded = set(offloaded_blocks(config, sizes))
+    locations = block_locations(config, sizes)
+    offloaded = {i for i, where in enumerate(locations) if where != "device"}
     streamed = [b for i, b in enumerate(blocks) if i in offloaded]
+    on_disk = sum(b for b, where in zip(blocks, locations) if where == "disk")
     scope = resolve_scope(config, bool(streamed))
     shape = walk_shape(config)
     copies = shape.perturbed_per_walk
@@ -311,6 +378,7 @@ def make_plan(model: nn.Module, config: ZOConfig, *, batch_size: int = 1, seq_le
     walks = shape.walks * micro_batches
     up = sum(streamed) * walks
     down = sum(streamed) // config.write_back_every
+    disk_read, disk_write = on_disk * walks, on_disk // config.write_back_every
     act_dtype = activation_dtype or next(model.parameters()).dtype
     tokens = shape.parts * batch_size * seq_len * micro_batches  # every part's forward
     flops = _forward_flops(model, model.config, tokens, seq_len, n)
@@ -323,9 +391,12 @@ def make_plan(model: nn.Module, config: ZOConfig, *, batch_size: int = 1, seq_le
     return Plan(num_blocks=n, resident_blocks=n - len(streamed), scope=scope, weights_bytes=total,
                 working_weights_bytes=working,
                 activation_bytes=activation_bytes(model.config, batch_size, seq_len, act_dtype, shape.per_walk),
-                host_bytes=sum(streamed), upload_bytes=up, download_bytes=down, flops=flops,
+                host_bytes=host_bytes(sizes, locations, config, scope, copies), disk_blocks=locations.count("disk"),
+                disk_bytes=on_disk, disk_read_bytes=disk_read, disk_write_bytes=disk_write,
+                upload_bytes=up, download_bytes=down, flops=flops,
                 transfer_floor_s=transfer, compute_floor_s=flops / (machine.matmul_tflops * 1e12),
-                noise_floor_s=noise_bytes / (machine.memory_gbps * 1e9))
+                noise_floor_s=noise_bytes / (machine.memory_gbps * 1e9),
+                disk_floor_s=disk_read / (machine.disk_read_gbps * 1e9) + disk_write / (machine.disk_write_gbps * 1e9))
 
 
 def add_plan_command(commands: Any) -> None:
@@ -343,6 +414,10 @@ def add_plan_command(commands: Any) -> None:
     parser.add_argument("--zo2", action=argparse.BooleanOptionalAction, default=True,
                         help="offload blocks (default: on); --no-zo2 plans resident MeZO")
     parser.add_argument("--gpu-memory-budget", help="e.g. 18GB: keep as many blocks resident as fit")
+    parser.add_argument("--offloading-device", default="cpu", choices=["cpu", "disk"],
+                        help="where offloaded blocks live (default: %(default)s)")
+    parser.add_argument("--host-memory-budget", help="e.g. 64GB: with --offloading-device disk, keep the offloaded "
+                        "blocks that fit in host memory, the rest on disk")
     parser.add_argument("--num-slots", type=int, default=2, help="working-device slots (default: %(default)s)")
     parser.add_argument("--write-back-every", type=int, default=1, help="k of write-back skipping (default: 1)")
     parser.add_argument("--perturbation-scope", default="auto", choices=["auto", "unit", "module"],
@@ -365,7 +440,9 @@ def run_plan(args: Any) -> int:
         raise ZOConfigError(f"--dtype {args.dtype!r} is invalid: expected one of {list(STORAGE_DTYPES)}")
     config = ZOConfig(zo2=args.zo2, working_device="cpu", storage_dtype=args.dtype, num_slots=args.num_slots,
                       write_back_every=args.write_back_every, num_directions=args.num_directions,
-                      gpu_memory_budget=args.gpu_memory_budget, perturbation_scope=args.perturbation_scope)
+                      gpu_memory_budget=args.gpu_memory_budget, perturbation_scope=args.perturbation_scope,
+                      host_memory_budget=args.host_memory_budget, offloading_device=args.offloading_device,
+                      offload_dir="(plan)" if args.offloading_device == "disk" else None)
     machine = Machine(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Machine)})
     model = meta_model(args.model, dtype)
     plan = make_plan(model, config, batch_size=args.batch, seq_len=args.seq, micro_batches=args.micro_batches,

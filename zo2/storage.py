@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -62,11 +63,15 @@ def _layout(params: list[nn.Parameter]) -> tuple[list[nn.Parameter], int]:
 
 
 def build_unit(index: int, name: str, params: list[nn.Parameter], *, device: torch.device,
-               dtype: torch.dtype | None, pin: bool, offloaded: bool) -> Unit:
+               dtype: torch.dtype | None, pin: bool, offloaded: bool,
+               allocate: Callable[[int, torch.dtype], torch.Tensor] | None = None,
+               fill: Callable[[nn.Parameter, torch.Tensor], None] | None = None) -> Unit:
     """Move ``params`` into one flat master buffer on ``device`` and point them at it.
 
     Each old tensor is released as soon as it is copied, so building units one by one never holds
-    two full copies of the model.
+    two full copies of the model. ``allocate(numel, dtype)`` supplies the master instead of a new
+    tensor (e.g. an aligned staging buffer); ``fill(param, view)`` writes a parameter's weights into its
+    view of the master instead of copying ``param.data`` (e.g. straight from a checkpoint's files).
     """
     ordered, n_decay = _layout(params)
     dtypes = {p.dtype for p in ordered}
@@ -75,13 +80,20 @@ def build_unit(index: int, name: str, params: list[nn.Parameter], *, device: tor
                          "set ZOConfig.storage_dtype to store them in one dtype")
     dtype = dtype or (ordered[0].dtype if ordered else torch.float32)
     total = sum(p.numel() for p in ordered)
-    master = torch.empty(total, dtype=dtype, device=device, pin_memory=pin and device.type == "cpu")
+    if allocate is None:
+        master = torch.empty(total, dtype=dtype, device=device, pin_memory=pin and device.type == "cpu")
+    else:
+        master = allocate(total, dtype)
     unit = Unit(index=index, name=name, params=ordered, master=master, offloaded=offloaded, n_decay=n_decay)
     start = 0
     for param in ordered:
         unit.offsets.append(start)
-        master[start:start + param.numel()].view(param.shape).copy_(param.data)
-        param.data = master[start:start + param.numel()].view(param.shape)
+        view = master[start:start + param.numel()].view(param.shape)
+        if fill is None:
+            view.copy_(param.data)
+        else:
+            fill(param, view)
+        param.data = view
         start += param.numel()
     return unit
 

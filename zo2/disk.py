@@ -1,0 +1,439 @@
+"""Disk offload: offloaded units' buffers live in files, read and written in large aligned blocks.
+
+``ZOConfig(offloading_device="disk", offload_dir=...)``. The folder holds::
+
+    store.json               what it holds: every stored unit (name, dtype, size) and the run's noise settings
+    journal.jsonl            the update log, one step per line (:class:`zo2.journal.Journal`)
+    unit-00003-master.zo2    one file per stored buffer: a 4 KiB header (JSON: unit, buffer, dtype, numel,
+                             applied steps), then the data, padded to a multiple of 4 KiB
+    lock                     held (``flock``) by the one process using the folder
+
+A file is keyed by (unit index, buffer name): a unit's trainable master is ``"master"``; a unit may
+store other buffers beside it (e.g. an upload-only frozen part, written once and never written back).
+
+Crash safety: a buffer is rewritten to a temporary file, fsynced and renamed over the old one, so every
+file is a complete copy holding the number of steps its header says. The journal is appended (and
+fsynced) before a file holding a step is renamed into place, so after a crash every file's steps are in
+the journal and the rest are replayed from it (``zo2.loading.from_pretrained(..., resume=True)``).
+
+Page cache: files are opened with ``O_DIRECT`` where the filesystem allows it (buffers and lengths
+4 KiB aligned; see :func:`aligned_empty`); elsewhere (tmpfs, some network filesystems) every read and
+write is followed by ``posix_fadvise(DONTNEED)``, so the kernel drops the pages. Either way host memory
+holds zo2's own buffers only: the staging buffers (or slots) and the resident units.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from . import noise
+from .history import UpdateLog
+from .journal import Journal
+from .storage import Unit, build_unit
+
+if TYPE_CHECKING:
+    from .config import ZOConfig
+
+logger = logging.getLogger(__name__)
+
+ALIGN = 4096
+"""Alignment of file offsets, lengths and buffer addresses (O_DIRECT's requirement on common disks)."""
+HEADER_BYTES = ALIGN
+_MAGIC = b"ZO2UNIT1"
+_FORMAT = "zo2-offload"
+_VERSION = 1
+MASTER = "master"
+"""Buffer name of a unit's trainable master weights."""
+_SPACE_ERRORS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+class DiskOffloadError(RuntimeError):
+    """The offload folder cannot be used (missing, read-only, full, locked, or not this run's)."""
+
+
+def padded(nbytes: int) -> int:
+    """``nbytes`` rounded up to a multiple of :data:`ALIGN`."""
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def aligned_empty(nbytes: int, *, pin: bool = False) -> torch.Tensor:
+    """A uint8 CPU tensor of ``padded(nbytes)`` bytes starting on an :data:`ALIGN` boundary (pinned if
+    asked): what O_DIRECT reads and writes need. Its contents are undefined."""
+    size = padded(nbytes)
+    raw = torch.empty(size + ALIGN, dtype=torch.uint8, pin_memory=pin)
+    start = (-raw.data_ptr()) % ALIGN
+    return raw[start:start + size]
+
+
+def typed(buffer: torch.Tensor, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """The first ``numel`` elements of a uint8 buffer, viewed as ``dtype``."""
+    return buffer[:numel * dtype.itemsize].view(dtype)
+
+
+def placeholder(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """What a disk unit's parameters point at between uses: ``numel`` NaNs held in one element, so that
+    code reading them outside zo2's walks gets NaN rather than plausible weights (see README)."""
+    return torch.full((1,), float("nan"), dtype=dtype).expand(numel)
+
+
+def _raw(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.numpy()).cast("B")
+
+
+@dataclass(frozen=True)
+class StoredBuffer:
+    """One file of the store: which unit and buffer it holds, in which dtype and size."""
+
+    unit: int
+    name: str
+    unit_name: str
+    dtype: torch.dtype
+    numel: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    def describe(self) -> list:
+        return [self.unit, self.name, self.unit_name, str(self.dtype).replace("torch.", ""), self.numel]
+
+
+def check_folder(directory: str | os.PathLike, needed_bytes: int) -> Path:
+    """Check, before anything is written, that ``directory`` exists, is writable and has room for
+    ``needed_bytes``; raise :class:`DiskOffloadError` saying what to fix otherwise."""
+    path = Path(directory)
+    if not path.exists():
+        raise DiskOffloadError(f"ZOConfig.offload_dir={str(directory)!r} does not exist: create it (mkdir -p) on a "
+                               f"fast local disk with at least {needed_bytes / 1e9:.2f} GB free, or point "
+                               "offload_dir at an existing folder")
+    if not path.is_dir():
+        raise DiskOffloadError(f"ZOConfig.offload_dir={str(directory)!r} is not a folder")
+    probe = path / f".zo2-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as handle:
+            handle.write(b"\0")
+    except OSError as err:
+        raise DiskOffloadError(f"cannot write to ZOConfig.offload_dir={str(directory)!r} ({err}): disk offload "
+                               "writes every offloaded block there; choose a writable folder") from None
+    finally:
+        probe.unlink(missing_ok=True)
+    free = shutil.disk_usage(path).free
+    if free < needed_bytes:
+        raise DiskOffloadError(f"ZOConfig.offload_dir={str(directory)!r} has {free / 1e9:.2f} GB free, disk offload "
+                               f"needs {needed_bytes / 1e9:.2f} GB (every offloaded block, plus room to rewrite the "
+                               "largest one): free some space or choose another folder")
+    return path
+
+
+def _direct_io_works(directory: Path) -> bool:
+    """Whether files in ``directory`` accept O_DIRECT writes of aligned 4 KiB blocks."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    probe, block = directory / f".zo2-direct-{os.getpid()}", aligned_empty(ALIGN)
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
+        try:
+            os.pwritev(fd, [_raw(block)], 0)
+        finally:
+            os.close(fd)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+class DiskStore:
+    """The files of one offload folder: reads into and writes from aligned host buffers.
+
+    ``read`` and ``write`` are called by one I/O thread (:mod:`zo2.staging`), never concurrently;
+    ``bytes_read`` / ``bytes_written`` / ``writes`` count the traffic."""
+
+    def __init__(self, directory: str | os.PathLike, buffers: Sequence[StoredBuffer], run: dict[str, Any], *,
+                 updates_per_step: int, resume: bool = False, direct: bool | None = None,
+                 base: UpdateLog | None = None) -> None:
+        self.buffers = {(b.unit, b.name): b for b in buffers}
+        largest = max((padded(b.nbytes) for b in buffers), default=0)
+        needed = sum(HEADER_BYTES + padded(b.nbytes) for b in buffers) + HEADER_BYTES + largest
+        self.directory = check_folder(directory, needed - (self._existing_bytes(directory) if resume else 0))
+        self._lock = self._take_lock()
+        self.direct = _direct_io_works(self.directory) if direct is None else direct
+        self.run = run
+        description = {"format": _FORMAT, "version": _VERSION, "run": run, "base_steps": base.steps if base else 0,
+                       "buffers": [b.describe() for b in buffers]}
+        self.base_steps = description["base_steps"]
+        """Steps the weights the units were built from already held (a checkpoint saved after training)."""
+        self.resumed = resume and self._matches(description)
+        if not self.resumed:
+            self._clear()
+            self.write_json("store.json", description)
+        self.journal = Journal(self.directory / "journal.jsonl", updates_per_step, run.get("generator", 0),
+                               resume=self.resumed)
+        self._header = aligned_empty(HEADER_BYTES)
+        self._applied: dict[tuple[int, str], int] = {}
+        """Steps each file holds, for the files that exist."""
+        if self.resumed:
+            self._load_headers()
+        elif base is not None:  # written ahead: the files built from these weights hold the base's steps
+            self.journal.extend([base.step_updates(step) for step in range(base.steps)])
+        self.bytes_read = self.bytes_written = self.writes = 0
+        logger.info("zo2 disk offload: %d files in %s (%s)", len(buffers), self.directory,
+                    "O_DIRECT" if self.direct else "buffered I/O, page cache dropped after each access")
+
+    # --------------------------------------------------------------------------------- folder
+    def _existing_bytes(self, directory: str | os.PathLike) -> int:
+        path = Path(directory)
+        return sum(f.stat().st_size for f in path.glob("unit-*.zo2")) if path.is_dir() else 0
+
+    def _take_lock(self) -> int:
+        fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DiskOffloadError(f"ZOConfig.offload_dir={str(self.directory)!r} is in use by another zo2 engine: "
+                                   "give every engine (and every process) its own offload folder") from None
+        return fd
+
+    def _matches(self, description: dict) -> bool:
+        try:
+            saved = json.loads((self.directory / "store.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+        if saved != json.loads(json.dumps(description)):
+            raise DiskOffloadError(f"{self.directory} holds another run's masters (store.json differs: other units, "
+                                   "dtype or noise settings); resume with the run's own config, or use resume=False "
+                                   "(or another folder) to start over")
+        return True
+
+    def _clear(self) -> None:
+        for pattern in ("unit-*.zo2", "unit-*.tmp", "journal.jsonl", "*.json"):
+            for stale in self.directory.glob(pattern):
+                stale.unlink()
+
+    def read_json(self, name: str) -> Any:
+        """A JSON file of the folder (None if missing)."""
+        try:
+            return json.loads((self.directory / name).read_text())
+        except FileNotFoundError:
+            return None
+
+    def write_json(self, name: str, data: Any) -> None:
+        """Write a small JSON file into the folder atomically (temporary file, fsync, rename)."""
+        tmp = self.directory / f"{name}.tmp"
+        tmp.write_text(json.dumps(data))
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.directory / name)
+        self._sync_folder()
+
+    def _sync_folder(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def path(self, unit: int, name: str = MASTER) -> Path:
+        """The file of buffer ``name`` of unit ``unit``."""
+        return self.directory / f"unit-{unit:05d}-{name}.zo2"
+
+    def holds(self, unit: Unit, name: str = MASTER) -> bool:
+        """Whether buffer ``name`` of ``unit`` lives in this store."""
+        return (unit.index, name) in self.buffers
+
+    def applied(self, unit: int, name: str = MASTER) -> int:
+        """How many steps the file of ``unit``'s buffer holds."""
+        return self._applied[(unit, name)]
+
+    # ------------------------------------------------------------------------------- file I/O
+    def _open(self, path: Path, flags: int) -> int:
+        return os.open(path, flags | (os.O_DIRECT if self.direct else 0), 0o644)
+
+    def _drop_cache(self, fd: int) -> None:
+        if not self.direct and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+    def _header_for(self, key: tuple[int, str], applied: int) -> dict:
+        stored = self.buffers[key]
+        return {"unit": stored.unit, "buffer": stored.name, "name": stored.unit_name,
+                "dtype": str(stored.dtype).replace("torch.", ""), "numel": stored.numel, "applied": applied}
+
+    def _parse_header(self, path: Path, raw: memoryview) -> dict:
+        if bytes(raw[:len(_MAGIC)]) != _MAGIC:
+            raise DiskOffloadError(f"{path}: not a zo2 offload file (bad magic): the folder was modified outside zo2")
+        text = bytes(raw[len(_MAGIC):]).rstrip(b"\0")
+        return json.loads(text)
+
+    def read(self, unit: int, buffer: torch.Tensor, expected: int | None = None, name: str = MASTER) -> None:
+        """Fill ``buffer`` (uint8, aligned, at least ``padded`` bytes) with the stored data; check that the
+        file holds ``expected`` steps when given (the engine's view of it)."""
+        key, path = (unit, name), self.path(unit, name)
+        stored = self.buffers[key]
+        size = padded(stored.nbytes)
+        fd = self._open(path, os.O_RDONLY)
+        try:
+            views, done = [_raw(self._header), _raw(buffer[:size])], 0
+            total = HEADER_BYTES + size
+            while done < total:  # O_DIRECT reads of regular files are whole in practice; loop to be sure
+                count = os.preadv(fd, views, done)
+                if count == 0:
+                    raise DiskOffloadError(f"{path}: truncated ({done} of {total} bytes)")
+                done += count
+                views = _remaining(views, count)
+            self._drop_cache(fd)
+        finally:
+            os.close(fd)
+        header = self._parse_header(path, _raw(self._header))
+        if expected is not None and header["applied"] != expected:
+            raise DiskOffloadError(f"{path} holds {header['applied']} steps, the engine's update log says {expected}: "
+                                   "the folder was modified outside this engine, or a state was loaded with "
+                                   "weights_updated=True into an engine whose weights do not hold it (build it with "
+                                   "zo2.loading.from_checkpoint instead)")
+        self.bytes_read += stored.nbytes
+
+    def write(self, unit: int, buffer: torch.Tensor, applied: int, steps: Sequence[Sequence] = (),
+              name: str = MASTER) -> None:
+        """Make the file hold ``buffer`` (uint8, aligned, padded) as ``applied`` steps, atomically:
+        ``steps`` (the journal's missing lines) are appended first, then a temporary file is written,
+        fsynced and renamed over the old one."""
+        key, path = (unit, name), self.path(unit, name)
+        stored = self.buffers[key]
+        self.journal.extend(steps)
+        header = json.dumps(self._header_for(key, applied)).encode()
+        self._header.zero_()
+        _raw(self._header)[:len(_MAGIC) + len(header)] = _MAGIC + header
+        tmp = path.with_suffix(".tmp")
+        try:
+            fd = self._open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            try:
+                views, done, total = [_raw(self._header), _raw(buffer[:padded(stored.nbytes)])], 0, 0
+                total = HEADER_BYTES + padded(stored.nbytes)
+                while done < total:
+                    count = os.pwritev(fd, views, done)
+                    done += count
+                    views = _remaining(views, count)
+                os.fdatasync(fd)
+                self._drop_cache(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            self._sync_folder()
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise self._write_error(stored, path, err) from None
+        self._applied[key] = applied
+        self.bytes_written += stored.nbytes
+        self.writes += 1
+
+    def _write_error(self, stored: StoredBuffer, path: Path, err: OSError) -> DiskOffloadError:
+        kept = "the previous copy of the file is intact" if path.exists() else "no earlier copy exists"
+        if err.errno in _SPACE_ERRORS:
+            return DiskOffloadError(f"writing {stored.unit_name} ({stored.nbytes / 1e6:.1f} MB) to {path} failed: {err} "
+                                    f"(the disk is full, or a quota or file-size limit was hit; {kept}). Free space "
+                                    f"on {self.directory} (needs {stored.nbytes / 1e6:.1f} MB more), then resume")
+        return DiskOffloadError(f"writing {stored.unit_name} to {path} failed: {err} ({kept})")
+
+    def _load_headers(self) -> None:
+        """Read every file's header (after a restart): which steps each holds. A file a crash left unwritten
+        (during the first load) is missing: its unit is filled from the checkpoint again."""
+        for key in self.buffers:
+            path = self.path(*key)
+            try:
+                with open(path, "rb") as handle:
+                    raw = handle.read(HEADER_BYTES)
+            except FileNotFoundError:
+                continue
+            header = self._parse_header(path, memoryview(raw))
+            if header != self._header_for(key, header.get("applied", -1)):
+                raise DiskOffloadError(f"{path}: its header {header} does not match store.json")
+            if header["applied"] > self.journal.steps:
+                raise DiskOffloadError(f"{path} holds {header['applied']} steps but the journal only "
+                                       f"{self.journal.steps}: the journal was truncated outside zo2")
+            self._applied[key] = int(header["applied"])
+
+    def read_tensor(self, unit: int, name: str = MASTER) -> torch.Tensor:
+        """A fresh CPU tensor holding the stored buffer (for saving and inspection; call after
+        ``engine.flush()`` so that every write has landed)."""
+        stored = self.buffers[(unit, name)]
+        buffer = aligned_empty(stored.nbytes)
+        self.read(unit, buffer, name=name)
+        return typed(buffer, stored.dtype, stored.numel).clone()
+
+    def build_unit(self, index: int, name: str, params: list[nn.Parameter], *, dtype: torch.dtype | None,
+                   fill: Callable[[nn.Parameter, torch.Tensor], None] | None, staging: torch.Tensor) -> Unit:
+        """Build a disk unit: its master is assembled in ``staging`` (aligned, large enough) and written to
+        its file, unless a resumed store already holds it; the parameters then point at a placeholder."""
+        stored = self.buffers[(index, MASTER)]
+        if (index, MASTER) in self._applied:  # resumed: the file holds the weights already
+            return build_unit(index, name, params, device=torch.device("cpu"), dtype=dtype, pin=False,
+                              offloaded=True, allocate=placeholder, fill=_keep)
+        unit = build_unit(index, name, params, device=torch.device("cpu"), dtype=dtype, pin=False, offloaded=True,
+                          allocate=lambda numel, dt: typed(staging, dt, numel), fill=fill)
+        self.write(index, staging, applied=self.base_steps)
+        unit.master = placeholder(stored.numel, stored.dtype)
+        unit.point_params_at(unit.master)
+        return unit
+
+    def close(self) -> None:
+        """Release the folder's lock (the files stay)."""
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
+        self.journal.close()
+
+
+def run_description(config: "ZOConfig") -> dict[str, Any]:
+    """What must not change between a run and its restart from the same folder (else the files' steps
+    and the journal's would not replay to the same weights)."""
+    return {"method": config.method, "method_options": dict(config.method_options), "noise": config.noise,
+            "seed": config.seed, "num_directions": config.num_directions, "weight_decay": config.weight_decay,
+            "storage_dtype": config.storage_dtype, "kernels": config.kernels,
+            "working_device": torch.device(config.working_device).type, "generator": noise.GENERATOR_VERSION}
+
+
+def open_store(config: "ZOConfig", named: Sequence[tuple[str, list[nn.Parameter]]], where: Sequence[str], *,
+               resume: bool = False, base: UpdateLog | None = None) -> DiskStore | None:
+    """The store of the units placed on ``"disk"`` (``named``: each unit's name and parameters in unit
+    order), or None when no unit is. ``resume``: keep a matching folder's files and journal; ``base``:
+    the updates the weights being placed already hold."""
+    dtype = config.torch_storage_dtype
+    buffers = [StoredBuffer(index, MASTER, name, dtype or params[0].dtype, sum(p.numel() for p in params))
+               for index, ((name, params), w) in enumerate(zip(named, where)) if w == "disk"]
+    if not buffers:
+        return None
+    return DiskStore(config.offload_dir, buffers, run_description(config), updates_per_step=config.num_directions,
+                     resume=resume, base=base)
+
+
+def build_buffer(store: DiskStore | None) -> torch.Tensor | None:
+    """The aligned host buffer disk units are assembled in while they are built (freed afterwards)."""
+    if store is None:
+        return None
+    return aligned_empty(max(b.nbytes for b in store.buffers.values()))
+
+
+def _keep(param: nn.Parameter, view: torch.Tensor) -> None:
+    """A resumed unit's weights are in its file: nothing to copy."""
+
+
+def _remaining(views: list[memoryview], count: int) -> list[memoryview]:
+    """``views`` without their first ``count`` bytes (after a short read or write)."""
+    out = []
+    for view in views:
+        if count >= len(view):
+            count -= len(view)
+            continue
+        out.append(view[count:])
+        count = 0
+    return out

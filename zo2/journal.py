@@ -1,0 +1,90 @@
+"""The update log of a disk-offloaded run, on disk beside the masters: one JSON line per step.
+
+Written ahead: a step's line is appended and fsynced before any master file that holds the step is
+renamed into place (:meth:`zo2.disk.DiskStore.write`), so after a crash the journal covers every file
+and the steps a file lacks are replayed from it. A line a crash cut short is the last one; it is
+dropped (and the file truncated there) when the journal is opened again.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+from .history import HistoryError, Update, UpdateLog
+
+logger = logging.getLogger(__name__)
+
+_FORMAT = "zo2-offload-journal"
+
+
+class Journal:
+    """Append-only steps ``[[seed, g, lr], ...]`` (one list per step), the first line a header."""
+
+    def __init__(self, path: Path, updates_per_step: int, generator: int, *, resume: bool) -> None:
+        self.path = path
+        self.updates_per_step, self.generator = updates_per_step, generator
+        self._updates: list[Update] = []
+        if not (resume and path.exists() and self._read()):
+            with open(path, "w") as handle:
+                handle.write(json.dumps({"format": _FORMAT, "updates_per_step": updates_per_step,
+                                         "generator": generator}) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        self._handle = open(path, "a")
+
+    @property
+    def steps(self) -> int:
+        """Steps recorded."""
+        return len(self._updates) // self.updates_per_step
+
+    def _read(self) -> bool:
+        """Load the steps of an existing journal; False if it has no complete header line."""
+        good = 0  # bytes of complete lines
+        with open(self.path, "rb") as handle:
+            data = handle.read()
+        lines = data.split(b"\n")
+        for number, line in enumerate(lines[:-1]):  # the part after the last newline is incomplete
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if number == 0:
+                self._check_header(item)
+            elif item.get("step") != self.steps or len(item.get("updates", ())) != self.updates_per_step:
+                break
+            else:
+                self._updates.extend(Update.from_json(u) for u in item["updates"])
+            good += len(line) + 1
+        if good < len(data):
+            logger.info("zo2 journal %s: dropping an incomplete last line (the run stopped while writing it)", self.path)
+            os.truncate(self.path, good)
+        return good > 0
+
+    def _check_header(self, header: dict) -> None:
+        if header.get("format") != _FORMAT:
+            raise HistoryError(f"{self.path}: not a zo2 offload journal")
+        if header.get("updates_per_step") != self.updates_per_step or header.get("generator") != self.generator:
+            raise HistoryError(f"{self.path} was written with {header.get('updates_per_step')} updates per step and "
+                               f"noise generator {header.get('generator')}; this run has {self.updates_per_step} and "
+                               f"{self.generator}")
+
+    def extend(self, steps: Sequence[Sequence[Update]]) -> None:
+        """Append whole steps (continuing at ``self.steps``) and fsync."""
+        if not steps:
+            return
+        for updates in steps:
+            line = {"step": self.steps, "updates": [u.to_json() for u in updates]}
+            self._handle.write(json.dumps(line) + "\n")
+            self._updates.extend(updates)
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def log(self) -> UpdateLog:
+        """The journal as an :class:`~zo2.history.UpdateLog` (no applied positions)."""
+        return UpdateLog(self.updates_per_step, self._updates, generator=self.generator)
+
+    def close(self) -> None:
+        self._handle.close()
