@@ -68,6 +68,10 @@ class Checkpoint:
 
         The model must have the architecture of the saved one; afterwards training continues exactly
         where the saved run stood."""
+        if engine.store is not None:
+            raise CheckpointError(f"{self.path}: restore() loads every weight into host memory; an engine with "
+                                  "disk-offloaded units is restored by streaming instead: "
+                                  "zo2.loading.from_checkpoint(path, config)")
         engine.flush()
         tensors: dict[str, torch.Tensor] = {}
         for file in sorted(self.path.glob("*.safetensors")):
@@ -243,7 +247,11 @@ def save_checkpoint(engine: ZOEngine, directory: str | Path, *, tokenizer: Any =
     engine.flush()
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        engine.model.save_pretrained(staging)
+        if engine.store is not None:  # disk-offloaded units exist only in their files: stream them out
+            from .loading import save_pretrained
+            save_pretrained(engine, staging)
+        else:
+            engine.model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         write_json_atomic(staging / STATE_NAME, {"engine": engine.state_dict(include_log=False), "extra": extra or {}})

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import shutil
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -66,13 +67,23 @@ def padded(nbytes: int) -> int:
     return -(-nbytes // ALIGN) * ALIGN
 
 
+_LIVE: "weakref.WeakSet[torch.Tensor]" = weakref.WeakSet()  # every aligned buffer still referenced
+
+
 def aligned_empty(nbytes: int, *, pin: bool = False) -> torch.Tensor:
     """A uint8 CPU tensor of ``padded(nbytes)`` bytes starting on an :data:`ALIGN` boundary (pinned if
     asked): what O_DIRECT reads and writes need. Its contents are undefined."""
     size = padded(nbytes)
     raw = torch.empty(size + ALIGN, dtype=torch.uint8, pin_memory=pin)
+    _LIVE.add(raw)
     start = (-raw.data_ptr()) % ALIGN
     return raw[start:start + size]
+
+
+def live_buffer_bytes() -> int:
+    """Host bytes of every aligned buffer alive now (slots, staging buffers, headers, the build buffer):
+    all the memory the disk backend allocates."""
+    return sum(raw.numel() for raw in _LIVE)
 
 
 def typed(buffer: torch.Tensor, dtype: torch.dtype, numel: int) -> torch.Tensor:
@@ -125,8 +136,7 @@ def check_folder(directory: str | os.PathLike, needed_bytes: int) -> Path:
     except OSError as err:
         raise DiskOffloadError(f"cannot write to ZOConfig.offload_dir={str(directory)!r} ({err}): disk offload "
                                "writes every offloaded block there; choose a writable folder") from None
-    finally:
-        probe.unlink(missing_ok=True)
+    probe.unlink()
     free = shutil.disk_usage(path).free
     if free < needed_bytes:
         raise DiskOffloadError(f"ZOConfig.offload_dir={str(directory)!r} has {free / 1e9:.2f} GB free, disk offload "

@@ -176,11 +176,13 @@ def _digest(engine: ZOEngine) -> dict[str, str]:
 
 
 def _check_base(engine: ZOEngine) -> None:
-    """A fresh store records the resident units' digests; a resumed one checks them."""
+    """A fresh store records the resident units' digests; a resumed one checks them (a run stopped before
+    it recorded them, while placing its units, records them now)."""
     store, digests = engine.store, _digest(engine)
-    if not store.resumed:
+    saved = store.read_json(_BASE_DIGEST) if store.resumed else None
+    if saved is None:
         store.write_json(_BASE_DIGEST, digests)
-    elif store.read_json(_BASE_DIGEST) != digests:
+    elif saved != digests:
         raise DiskOffloadError(f"the units outside {store.directory} ({', '.join(digests)}) differ from those the run "
                                "in it started from: resume from the checkpoint the run was started from")
 
