@@ -2,14 +2,15 @@
 
     python disk_worker.py CHECKPOINT OFFLOAD_DIR STEPS OUT [--kill-at data|rename|journal --kill-step K]
                           [--fsize-limit BYTES --limit-after-step K] [--rss] [--scope unit|module]
+                          [--noise gaussian|rademacher] [--write-back-every K]
 
 Streams CHECKPOINT with ``zo2.loading.from_pretrained(..., resume=True)``, trains until the engine has
 STEPS steps (step s on ``make_batch(seed=s)``) and saves the flushed weights to OUT. ``--kill-at``
 sends this process SIGKILL in the middle of a write-back once the engine is at step K: half-way
 through writing a master's data, just before the rename that publishes it, or right after the journal
 was appended and before the master file is written. ``--fsize-limit`` sets RLIMIT_FSIZE (a real
-file-size limit: writes beyond it fail with EFBIG) after step K. ``--rss`` prints the RSS at start-up
-and the peak RSS.
+file-size limit: writes beyond it fail with EFBIG) after step K. ``--rss`` prints the RSS once torch,
+transformers and the model's code are imported, the peak RSS, and the bytes of the staging buffers.
 """
 import argparse
 import os
@@ -89,13 +90,16 @@ def main() -> None:
     parser.add_argument("--limit-after-step", type=int, default=-1, help="-1: from the start")
     parser.add_argument("--write-back-every", type=int, default=2)
     parser.add_argument("--scope", default="unit")
+    parser.add_argument("--noise", default="gaussian")
     parser.add_argument("--rss", action="store_true")
     args = parser.parse_args()
+    import transformers.models.llama.modeling_llama  # noqa: F401  the model's code: part of the baseline
     start = _rss_mib("VmRSS:")
     if args.kill_at:
         _kill_when(args.kill_at, args.kill_step)
     config = ZOConfig(working_device="cpu", lr=1e-2, eps=1e-3, weight_decay=0.1, offloading_device="disk",
-                      offload_dir=args.offload, write_back_every=args.write_back_every, perturbation_scope=args.scope)
+                      offload_dir=args.offload, write_back_every=args.write_back_every, perturbation_scope=args.scope,
+                      noise=args.noise)
     try:
         if args.fsize_limit and args.limit_after_step < 0:
             _limit_file_size(args.fsize_limit)

@@ -49,11 +49,9 @@ _BASE_DIGEST = "base.json"
 
 
 def _dtype(dtype: torch.dtype | str | None, config: Any, reader: CheckpointReader) -> torch.dtype:
-    """``from_pretrained``'s rule: None -> torch's default dtype; "auto" -> the config's, else the first
+    """``from_pretrained``'s rule (transformers 5): None or "auto" -> the config's dtype, else the first
     floating tensor's in the checkpoint; a dtype or its name as given."""
-    if dtype is None:
-        return torch.get_default_dtype()
-    if dtype == "auto":
+    if dtype is None or dtype == "auto":
         saved = getattr(config, "dtype", None)
         if saved is not None:
             return getattr(torch, saved) if isinstance(saved, str) else saved
