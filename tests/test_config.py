@@ -23,6 +23,7 @@ from conftest import make_model
     ("num_directions", 1.5, "ZOConfig.num_directions"),
     ("seed", -3, "ZOConfig.seed"),
     ("offloading_blocks", "0,1", "ZOConfig.offloading_blocks"),
+    ("host_memory_budget", "plenty", "ZOConfig.host_memory_budget='plenty' is invalid"),
 ])
 def test_bad_values_name_the_field(field, value, message):
     kwargs = {"working_device": "cpu", field: value}
@@ -53,3 +54,14 @@ def test_negative_offloading_blocks_count_from_the_end():
     engine = ZOEngine(make_model("llama"), ZOConfig(working_device="cpu", offloading_blocks=[-1]))
     assert [u.name for u in engine.units if u.offloaded] == ["block.1"]
     assert ZOConfig(working_device="cpu", zo2=False).offloaded_block_indices(4) == []
+
+
+def test_disk_offload_needs_a_folder_and_excludes_what_cannot_stream_from_disk():
+    with pytest.raises(ZOConfigError, match="ZOConfig.offload_dir=None is invalid"):
+        ZOConfig(working_device="cpu", offloading_device="disk")
+    with pytest.raises(ZOConfigError, match="sliced_transfers"):
+        ZOConfig(working_device="cpu", offloading_device="disk", offload_dir="/x", sliced_transfers=True)
+    with pytest.raises(ZOConfigError, match="sparse-mezo"):
+        ZOConfig(working_device="cpu", offloading_device="disk", offload_dir="/x", method="sparse-mezo")
+    config = ZOConfig(working_device="cpu", offloading_device="disk", offload_dir="/x", host_memory_budget="2GiB")
+    assert config.host_memory_budget == 2 * 2**30 and config.offloads_to_disk

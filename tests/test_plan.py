@@ -105,3 +105,33 @@ def test_module_scope_needs_less_memory_and_places_more_blocks():
     engine = ZOEngine(make_model("llama-tied", num_hidden_layers=6),
                       ZOConfig(working_device="cpu", gpu_memory_budget=budget, perturbation_scope="module"))
     assert engine.scope == "module" and sum(not u.offloaded for u in engine.units[1:-1]) == 3
+
+
+def test_budgets_place_blocks_on_the_device_in_host_memory_and_on_disk():
+    model = meta_model("opt-13b", torch.float16)
+    disk = dict(working_device="cpu", storage_dtype="float16", offloading_device="disk", offload_dir="unused",
+                gpu_memory_budget="12GB")
+    everything_on_disk = make_plan(model, ZOConfig(**disk))
+    assert everything_on_disk.disk_blocks == everything_on_disk.num_blocks - everything_on_disk.resident_blocks > 0
+    split = make_plan(model, ZOConfig(**disk, host_memory_budget="8GB"))
+    assert split.resident_blocks == everything_on_disk.resident_blocks
+    in_host = split.num_blocks - split.resident_blocks - split.disk_blocks
+    block = split.weights_bytes / split.num_blocks  # about one block (the embedding is a small part)
+    assert in_host > 0 and split.disk_blocks > 0 and 8e9 - 1.5 * block < split.host_bytes <= 8e9
+    assert split.disk_read_bytes == split.disk_bytes == split.disk_write_bytes
+    assert split.disk_floor_s > 0 and split.step_floor_s >= split.disk_floor_s
+    skipping = make_plan(model, ZOConfig(**disk, host_memory_budget="8GB", write_back_every=4))
+    assert skipping.disk_write_bytes * 4 == pytest.approx(split.disk_write_bytes, rel=1e-6)
+    assert "blocks on working device / host / disk" in split.describe()
+    with pytest.raises(BudgetError, match="host_memory_budget"):
+        make_plan(model, ZOConfig(**disk, host_memory_budget="100MB"))
+    with pytest.raises(BudgetError, match="offloading_device='disk'"):
+        make_plan(model, ZOConfig(working_device="cpu", storage_dtype="float16", host_memory_budget="8GB"))
+
+
+def test_plan_command_shows_disk_placement(capsys):
+    from zo2.cli import main
+    assert main(["plan", "--model", "opt-30b", "--offloading-device", "disk", "--host-memory-budget", "16GB",
+                 "--gpu-memory-budget", "20GB", "--disk-read-gbps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "disk per step: read / written" in out and "floor: disk" in out

@@ -14,6 +14,7 @@ from . import kernels, methods, schedules
 METHODS = tuple(methods.METHODS)
 NOISE_KINDS = ("gaussian", "rademacher")
 PERTURBATION_SCOPES = ("auto", "unit", "module")
+OFFLOAD_IO = ("auto", "direct", "buffered")
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                   "float64": torch.float64}
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
@@ -104,6 +105,12 @@ class ZOConfig:
     offload_dir: str | None = None
     """Folder of the disk-offloaded masters (``offloading_device="disk"``): one file per block, on a fast
     local disk. It must exist and be writable by one engine at a time; its space is checked at start-up."""
+    offload_io: Literal["auto", "direct", "buffered"] = "auto"
+    """How disk-offloaded masters are read and written. ``"direct"``: O_DIRECT, DMA straight into zo2's
+    aligned buffers, no page cache; ``"buffered"``: through the page cache with kernel read-ahead, each
+    file's pages dropped (posix_fadvise DONTNEED) after every read and write; ``"auto"``: direct where
+    the filesystem accepts it, else buffered. Both bound host memory; which is faster depends on the
+    disk (``bench/disk_bench.py`` measures both)."""
     offloading_blocks: Sequence[int] | None = None
     """Indices of the transformer blocks to offload (negative indices count from the end); ``None``
     offloads every block. Ignored when ``zo2`` is False. Embedding and head units stay resident."""
@@ -245,6 +252,8 @@ class ZOConfig:
                 raise _bad("storage_dtype", self.storage_dtype, f"None or one of {list(STORAGE_DTYPES)}")
 
     def _validate_disk(self) -> None:
+        if self.offload_io not in OFFLOAD_IO:
+            raise _bad("offload_io", self.offload_io, f"one of {list(OFFLOAD_IO)}")
         if self.offloading_device != "disk":
             _check_device("offloading_device", self.offloading_device)
             return

@@ -178,6 +178,9 @@ class DiskStore:
         self.directory = check_folder(directory, needed - (self._existing_bytes(directory) if resume else 0))
         self._lock = self._take_lock()
         self.direct = _direct_io_works(self.directory) if direct is None else direct
+        if direct and not _direct_io_works(self.directory):
+            raise DiskOffloadError(f"the filesystem of {self.directory} does not accept O_DIRECT: use "
+                                   "ZOConfig.offload_io='buffered' (or 'auto')")
         self.run = run
         description = {"format": _FORMAT, "version": _VERSION, "run": run, "base_steps": base.steps if base else 0,
                        "buffers": [b.describe() for b in buffers]}
@@ -293,6 +296,8 @@ class DiskStore:
         size = padded(stored.nbytes)
         fd = self._open(path, os.O_RDONLY)
         try:
+            if not self.direct and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger read-ahead window
             views, done = [_raw(self._header), _raw(buffer[:size])], 0
             total = HEADER_BYTES + size
             while done < total:  # O_DIRECT reads of regular files are whole in practice; loop to be sure
@@ -422,8 +427,9 @@ def open_store(config: "ZOConfig", named: Sequence[tuple[str, list[nn.Parameter]
                for index, ((name, params), w) in enumerate(zip(named, where)) if w == "disk"]
     if not buffers:
         return None
+    direct = {"auto": None, "direct": True, "buffered": False}[config.offload_io]
     return DiskStore(config.offload_dir, buffers, run_description(config), updates_per_step=config.num_directions,
-                     resume=resume, base=base)
+                     resume=resume, base=base, direct=direct)
 
 
 def build_buffer(store: DiskStore | None) -> torch.Tensor | None:

@@ -41,7 +41,7 @@ from .storage import SlotPool, Unit
 logger = logging.getLogger(__name__)
 
 #: ZOConfig fields that may differ between ranks (each rank has its own device).
-_PER_RANK_FIELDS = ("working_device", "offloading_device")
+_PER_RANK_FIELDS = ("working_device", "offloading_device", "offload_dir")  # each rank its own offload folder
 _SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
