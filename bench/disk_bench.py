@@ -178,6 +178,11 @@ def write_checkpoint(folder: Path, config) -> int:
     return total
 
 
+def _peak_rss() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
+
+
 def train_worker(args) -> None:
     """(Child process) stream the checkpoint to disk offload, train, print one JSON line."""
     import transformers.models.llama.modeling_llama  # noqa: F401
@@ -190,7 +195,7 @@ def train_worker(args) -> None:
                       offload_io=args.offload_io)
     start = time.perf_counter()
     engine = from_pretrained(args.checkpoint, config)
-    load_s = time.perf_counter() - start
+    load_s, peaks = time.perf_counter() - start, {"load": _peak_rss()}
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 512, (args.batch, args.seq), generator=generator)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
@@ -199,10 +204,11 @@ def train_worker(args) -> None:
         start = time.perf_counter()
         engine.step(batch)
         times.append(time.perf_counter() - start)
+        peaks[f"step {len(times)}"] = _peak_rss()
     engine.flush()
-    with open("/proc/self/status") as status:
-        peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
-    print(json.dumps({"load_s": load_s, "step_s": times, "peak_rss": peak, "staging_bytes": engine._scheduler.held_bytes,
+    peaks["flush"] = _peak_rss()
+    print(json.dumps({"load_s": load_s, "step_s": times, "peak_rss": peaks["flush"], "peak_rss_after": peaks,
+                      "staging_bytes": engine._scheduler.held_bytes,
                       "disk_read_per_step": (engine.store.bytes_read - read0) / (args.steps + 1),
                       "disk_written": engine.store.bytes_written - written0,
                       "resident_bytes": sum(u.master.nbytes for u in engine.units if not u.offloaded)}))

@@ -41,6 +41,7 @@ def _train(engine, steps=STEPS):
     dict(write_back_every=2, perturbation_scope="module"),
     dict(storage_dtype="bfloat16", perturbation_scope="module", write_back_every=3, num_slots=1),
     dict(num_slots=3, noise="rademacher", write_back_every=2),
+    dict(offload_io="buffered", write_back_every=2),
 ])
 def test_disk_offloaded_equals_resident(tmp_path, config):
     numerics = {k: v for k, v in config.items() if k in ("storage_dtype", "noise", "num_directions")}

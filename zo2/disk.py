@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,6 +178,8 @@ class DiskStore:
         needed = sum(HEADER_BYTES + padded(b.nbytes) for b in buffers) + HEADER_BYTES + largest
         self.directory = check_folder(directory, needed - (self._existing_bytes(directory) if resume else 0))
         self._lock = self._take_lock()
+        self._closer = weakref.finalize(self, os.close, self._lock)  # a collected store frees its folder
+        self._io_lock = threading.Lock()  # the I/O thread and the main thread (read_tensor) share the header
         self.direct = _direct_io_works(self.directory) if direct is None else direct
         if direct and not _direct_io_works(self.directory):
             raise DiskOffloadError(f"the filesystem of {self.directory} does not accept O_DIRECT: use "
@@ -291,6 +294,10 @@ class DiskStore:
     def read(self, unit: int, buffer: torch.Tensor, expected: int | None = None, name: str = MASTER) -> None:
         """Fill ``buffer`` (uint8, aligned, at least ``padded`` bytes) with the stored data; check that the
         file holds ``expected`` steps when given (the engine's view of it)."""
+        with self._io_lock:
+            self._read(unit, buffer, expected, name)
+
+    def _read(self, unit: int, buffer: torch.Tensor, expected: int | None, name: str) -> None:
         key, path = (unit, name), self.path(unit, name)
         stored = self.buffers[key]
         size = padded(stored.nbytes)
@@ -322,6 +329,10 @@ class DiskStore:
         """Make the file hold ``buffer`` (uint8, aligned, padded) as ``applied`` steps, atomically:
         ``steps`` (the journal's missing lines) are appended first, then a temporary file is written,
         fsynced and renamed over the old one."""
+        with self._io_lock:
+            self._write(unit, buffer, applied, steps, name)
+
+    def _write(self, unit: int, buffer: torch.Tensor, applied: int, steps: Sequence[Sequence], name: str) -> None:
         key, path = (unit, name), self.path(unit, name)
         stored = self.buffers[key]
         self.journal.extend(steps)
@@ -401,10 +412,8 @@ class DiskStore:
         return unit
 
     def close(self) -> None:
-        """Release the folder's lock (the files stay)."""
-        if self._lock >= 0:
-            os.close(self._lock)
-            self._lock = -1
+        """Release the folder's lock (the files stay); also done when the store is garbage-collected."""
+        self._closer()
         self.journal.close()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import weakref
 from pathlib import Path
 from typing import Sequence
 
@@ -34,6 +35,7 @@ class Journal:
                 handle.flush()
                 os.fsync(handle.fileno())
         self._handle = open(path, "a")
+        weakref.finalize(self, self._handle.close)
 
     @property
     def steps(self) -> int:
