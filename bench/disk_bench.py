@@ -71,7 +71,8 @@ def _plain_read(paths) -> None:
 
 def _units_and_store(folder: Path, size: int, unit_bytes: int, direct: bool | None):
     """zo2 unit files of ``size`` bytes in ``folder``, written by zo2's store; (units, store, log)."""
-    from zo2.disk import MASTER, DiskStore, StoredBuffer, aligned_empty, placeholder
+    from zo2.aligned import aligned_empty
+    from zo2.disk import MASTER, DiskStore, StoredBuffer, placeholder
     from zo2.history import UpdateLog
     from zo2.storage import Unit
 

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from . import noise
+from .aligned import ALIGN, aligned_empty, padded, typed
 from .history import UpdateLog
 from .journal import Journal
 from .storage import Unit, build_unit
@@ -48,8 +49,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ALIGN = 4096
-"""Alignment of file offsets, lengths and buffer addresses (O_DIRECT's requirement on common disks)."""
 HEADER_BYTES = ALIGN
 _MAGIC = b"ZO2UNIT1"
 _FORMAT = "zo2-offload"
@@ -61,35 +60,6 @@ _SPACE_ERRORS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 class DiskOffloadError(RuntimeError):
     """The offload folder cannot be used (missing, read-only, full, locked, or not this run's)."""
-
-
-def padded(nbytes: int) -> int:
-    """``nbytes`` rounded up to a multiple of :data:`ALIGN`."""
-    return -(-nbytes // ALIGN) * ALIGN
-
-
-_LIVE: "weakref.WeakSet[torch.Tensor]" = weakref.WeakSet()  # every aligned buffer still referenced
-
-
-def aligned_empty(nbytes: int, *, pin: bool = False) -> torch.Tensor:
-    """A uint8 CPU tensor of ``padded(nbytes)`` bytes starting on an :data:`ALIGN` boundary (pinned if
-    asked): what O_DIRECT reads and writes need. Its contents are undefined."""
-    size = padded(nbytes)
-    raw = torch.empty(size + ALIGN, dtype=torch.uint8, pin_memory=pin)
-    _LIVE.add(raw)
-    start = (-raw.data_ptr()) % ALIGN
-    return raw[start:start + size]
-
-
-def live_buffer_bytes() -> int:
-    """Host bytes of every aligned buffer alive now (slots, staging buffers, headers, the build buffer):
-    all the memory the disk backend allocates."""
-    return sum(raw.numel() for raw in _LIVE)
-
-
-def typed(buffer: torch.Tensor, dtype: torch.dtype, numel: int) -> torch.Tensor:
-    """The first ``numel`` elements of a uint8 buffer, viewed as ``dtype``."""
-    return buffer[:numel * dtype.itemsize].view(dtype)
 
 
 def placeholder(numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -167,8 +137,9 @@ def _direct_io_works(directory: Path) -> bool:
 class DiskStore:
     """The files of one offload folder: reads into and writes from aligned host buffers.
 
-    ``read`` and ``write`` are called by one I/O thread (:mod:`zo2.staging`), never concurrently;
-    ``bytes_read`` / ``bytes_written`` / ``writes`` count the traffic."""
+    ``read`` and ``write`` run on the engine's I/O thread (:mod:`zo2.staging`), and on the main thread
+    only while that one is idle (building units, ``read_tensor`` after a flush); a lock keeps them
+    apart regardless. ``bytes_read`` / ``bytes_written`` / ``writes`` count the traffic."""
 
     def __init__(self, directory: str | os.PathLike, buffers: Sequence[StoredBuffer], run: dict[str, Any], *,
                  updates_per_step: int, resume: bool = False, direct: bool | None = None,

@@ -24,7 +24,7 @@ from torch import nn
 
 from . import methods
 from .config import STORAGE_DTYPES, ZOConfig, ZOConfigError
-from .disk import padded
+from .aligned import padded
 from .history import UpdateLog
 from .models import find_blocks
 
@@ -442,7 +442,7 @@ def run_plan(args: Any) -> int:
                       write_back_every=args.write_back_every, num_directions=args.num_directions,
                       gpu_memory_budget=args.gpu_memory_budget, perturbation_scope=args.perturbation_scope,
                       host_memory_budget=args.host_memory_budget, offloading_device=args.offloading_device,
-                      offload_dir="(plan)" if args.offloading_device == "disk" else None)
+                      offload_dir="(planned)" if args.offloading_device == "disk" else None)  # never opened
     machine = Machine(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Machine)})
     model = meta_model(args.model, dtype)
     plan = make_plan(model, config, batch_size=args.batch, seq_len=args.seq, micro_batches=args.micro_batches,

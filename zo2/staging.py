@@ -27,7 +27,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from .disk import ALIGN, DiskStore, aligned_empty, padded, typed
+from .aligned import ALIGN, aligned_empty, padded, typed
+from .disk import DiskStore
 from .history import UpdateLog
 from .scheduler import TransferScheduler, _Upload
 from .storage import SlotPool, Unit
