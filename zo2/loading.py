@@ -9,8 +9,8 @@ How a load proceeds:
 
 1. The model is built on the meta device from its ``config.json`` (shapes only), in ``dtype`` as
    ``from_pretrained`` would build it, weights tied.
-2. Each parameter gets a stand-in: one zero element broadcast to its shape, so the engine's probe
-   forward (which finds the units) runs without weights. Buffers the checkpoint does not hold
+2. Each parameter gets a stand-in of zeros that no memory backs (an unwritten anonymous mapping), so
+   the engine's probe forward (which finds the units) runs without weights. Buffers the checkpoint does not hold
    (rotary ``inv_freq``, embedding scales) are initialised as ``from_pretrained`` initialises them
    (:func:`zo2.compat.initialize_missing_buffers`); persistent ones are read from the checkpoint.
 3. The engine places the units one at a time: every parameter's tensor is read from its shard straight
@@ -27,7 +27,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import os
+import platform
 from pathlib import Path
 from typing import Any, Callable
 
@@ -59,15 +61,31 @@ def _dtype(dtype: torch.dtype | str | None, config: Any, reader: CheckpointReade
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
+# MAP_NORESERVE (Python exposes it from 3.13): the mapping takes no commit charge, as nothing writes it
+_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if platform.machine() in ("x86_64", "AMD64", "aarch64") else 0)
+
+
+def _unwritten_zeros(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous CPU tensor of zeros in an anonymous mapping nothing writes: reading it maps the
+    kernel's shared zero page, so it costs no host memory (page tables only, while mapped). Stand-ins
+    of one element broadcast to the shape would cost nothing either, but matmuls copy them to
+    contiguous buffers, and glibc keeps the freed copies: RSS grew by a block per layer in the probe."""
+    numel = shape.numel()
+    if numel == 0:
+        return torch.zeros(shape, dtype=dtype)
+    buffer = mmap.mmap(-1, numel * dtype.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _NORESERVE)
+    return torch.frombuffer(buffer, dtype=dtype, count=numel).view(shape)  # the tensor keeps the mapping alive
+
+
 def _give_stand_ins(model: nn.Module) -> list[tuple[nn.Parameter, list[str]]]:
-    """Replace every meta parameter by a CPU parameter holding one zero element broadcast to its shape
-    (tied parameters stay one object); returns each parameter with all its names."""
+    """Replace every meta parameter by a CPU parameter of unwritten zeros (tied parameters stay one
+    object), so that the engine's probe forward runs; returns each parameter with all its names."""
     groups: dict[int, tuple[nn.Parameter, list[str]]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(param), (param, []))[1].append(name)
     result = []
     for param, names in groups.values():
-        stand_in = nn.Parameter(torch.zeros((), dtype=param.dtype).expand(param.shape), requires_grad=param.requires_grad)
+        stand_in = nn.Parameter(_unwritten_zeros(param.shape, param.dtype), requires_grad=param.requires_grad)
         for name in names:
             module_name, _, attr = name.rpartition(".")
             setattr(model.get_submodule(module_name), attr, stand_in)
