@@ -107,7 +107,7 @@ def _units(count: int, size: int) -> list[Unit]:
 
 def test_the_scheduler_prefetches_while_a_unit_holds_its_slot_and_evicts_for_an_unexpected_one():
     units = _units(4, 8)
-    scheduler = TransferScheduler(units, SlotPool(2, 8, torch.float32, torch.device("cpu")), torch.device("cpu"))
+    scheduler = TransferScheduler(units, SlotPool(2, 8 * 4, torch.device("cpu")), torch.device("cpu"))
     scheduler.restart()
     assert torch.equal(scheduler.acquire(units[0]), units[0].master)
     assert set(scheduler._inflight) == {0, 1}  # block 1 uploads while block 0 still holds its slot

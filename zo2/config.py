@@ -105,6 +105,15 @@ class ZOConfig:
     storage_dtype: str | None = None
     """dtype of the master weights (``"float32"``, ``"bfloat16"``, ``"float16"``, ``"float64"``); ``None``
     keeps the model's dtype. bf16/fp16 masters receive updates with stochastic rounding."""
+    frozen_dtype: str | None = None
+    """dtype of the masters of frozen parameters (``requires_grad=False``: never perturbed nor updated, so
+    they can be stored in a lower precision than trainable ones, e.g. ``"bfloat16"`` base weights under
+    float32 adapters); ``None``: as ``storage_dtype``."""
+    offload_trainable: bool | None = None
+    """Where the trainable parameters of an offloaded block that also holds frozen ones live. ``None``
+    (auto): resident on the working device (adapters are small), so only frozen weights stream, up only,
+    and nothing is written back; ``True``: they stream with the block (and are written back); ``False``:
+    resident (as auto)."""
     num_slots: int = 2
     """Reusable working-device buffers for offloaded blocks, each as large as the largest block:
     ``num_slots - 1`` blocks are uploaded ahead of the one being computed (>= 1)."""
@@ -227,11 +236,16 @@ class ZOConfig:
             if isinstance(self.offloading_blocks, (str, bytes)) or not all(
                     isinstance(i, int) and not isinstance(i, bool) for i in self.offloading_blocks):
                 raise _bad("offloading_blocks", self.offloading_blocks, "None or a list of block indices")
-        if self.storage_dtype is not None:
-            self.storage_dtype = _DTYPE_ALIASES.get(str(self.storage_dtype).replace("torch.", ""),
-                                                    str(self.storage_dtype).replace("torch.", ""))
-            if self.storage_dtype not in STORAGE_DTYPES:
-                raise _bad("storage_dtype", self.storage_dtype, f"None or one of {list(STORAGE_DTYPES)}")
+        for name in ("storage_dtype", "frozen_dtype"):
+            value = getattr(self, name)
+            if value is not None:
+                value = str(value).replace("torch.", "")
+                value = _DTYPE_ALIASES.get(value, value)
+                setattr(self, name, value)
+                if value not in STORAGE_DTYPES:
+                    raise _bad(name, value, f"None or one of {list(STORAGE_DTYPES)}")
+        if self.offload_trainable not in (None, True, False):
+            raise _bad("offload_trainable", self.offload_trainable, "None, True or False")
 
     def _validate_method(self) -> None:
         if self.method not in METHODS:
@@ -293,6 +307,11 @@ class ZOConfig:
     def torch_storage_dtype(self) -> torch.dtype | None:
         """``storage_dtype`` as a torch.dtype (None keeps the model's)."""
         return None if self.storage_dtype is None else STORAGE_DTYPES[self.storage_dtype]
+
+    @property
+    def torch_frozen_dtype(self) -> torch.dtype | None:
+        """The dtype of frozen parameters' masters (``frozen_dtype``, else ``storage_dtype``)."""
+        return STORAGE_DTYPES[self.frozen_dtype] if self.frozen_dtype is not None else self.torch_storage_dtype
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict of the fields (for checkpoints and logs)."""

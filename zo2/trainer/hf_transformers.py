@@ -300,6 +300,8 @@ class ZOTrainer(ZOTrainerMixin, Trainer):
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None and hasattr(self.model, "zo_training"):
             # model.zo_init replaced forward by (*args, **kwargs): keep the columns the class's forward takes
-            columns = inspect.signature(type(self.model).forward).parameters
+            # (a peft model's own forward may take *args, **kwargs too: its base model's names the columns)
+            inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            columns = inspect.signature(type(inner).forward).parameters
             self._signature_columns = [*columns, "label", "label_ids", *self.label_names]
         super()._set_signature_columns_if_needed()
