@@ -20,7 +20,8 @@ from zo2.checkpoint import load_checkpoint
 # ------------------------------------------------------------------------------------- outputs
 def test_finetune_end_to_end(model_dir: Path, data_file: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
-    assert cli.main(["finetune", *finetune_args(model_dir, data_file, "--eval-every", "2", "--output-dir", str(out))]) == 0
+    argv = finetune_args(model_dir, data_file, "--eval-every", "2", "--output-dir", str(out))
+    assert cli.main(["finetune", *argv]) == 0
     printed = capsys.readouterr().out
     assert "accuracy before:" in printed and "steps: 3 x batch 4, lr 0.001" in printed and "peak memory" in printed
     summary = json.loads((out / "summary.json").read_text())
@@ -179,6 +180,7 @@ def test_yaml_config_with_overrides(tmp_path: Path, capsys) -> None:
     (["--eval-examples", "60"], "leave none"),
     (["--task", "instruction"], "needs --prompt-column"),
     (["--resume"], "--resume needs --output-dir"),
+    (["--max-length", "3"], "--max-length 3 is too short: a prompt without its text still takes"),
 ])
 def test_reports_bad_inputs(model_dir: Path, data_file: Path, capsys, extra, message) -> None:
     with pytest.raises(SystemExit) as exit_info:
@@ -191,6 +193,8 @@ def test_reports_bad_inputs(model_dir: Path, data_file: Path, capsys, extra, mes
     (["--lr", "-1"], "must be a finite number > 0"),
     (["--label-words", "positive"], "expected LABEL=WORD"),
     (["--template", "no slot"], "placeholder"),
+    (["--template", "{text} or {text}"], "needs exactly one {text} placeholder"),
+    (["--truncate", "middle"], "argument --truncate: invalid choice: 'middle'"),
     (["--task", "sst5"], "unknown task 'sst5'; choose one of sst2, rte"),
 ])
 def test_rejects_bad_flags(capsys, extra, message) -> None:
@@ -200,9 +204,54 @@ def test_rejects_bad_flags(capsys, extra, message) -> None:
 
 
 def test_missing_model_folder(tmp_path: Path, data_file: Path, capsys) -> None:
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         cli.main(finetune_args(tmp_path / "nowhere", data_file))
-    assert "no such folder" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "no such folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("contents, missing", [
+    ({"config.json": None}, "missing weights (model.safetensors, sharded *.safetensors or pytorch_model.bin); "
+                            "tokenizer files (tokenizer.json, tokenizer.model or vocab.json + merges.txt) "
+                            "(it holds config.json)"),
+    ({"notes.txt": "hello"}, "missing config.json; weights"),
+    ({"config.json": "{}", "model.safetensors": None, "tokenizer.json": None}, "is not a model config"),
+])
+def test_incomplete_model_folders_name_what_is_missing(model_dir: Path, tmp_path: Path, capsys, contents,
+                                                       missing) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name, text in contents.items():
+        (folder / name).write_bytes((model_dir / name).read_bytes() if text is None else text.encode())
+    with pytest.raises(SystemExit) as exit_info:  # checked before the data: this file does not exist
+        cli.main(finetune_args(folder, tmp_path / "missing.csv"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and missing in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_model_file_is_not_a_folder(model_dir: Path, data_file: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(finetune_args(model_dir / "model.safetensors", data_file))
+    assert exit_info.value.code == 2 and "model.safetensors is a file, not a folder" in capsys.readouterr().err
+
+
+def test_unknown_label_values_stop_the_run_unless_dropped(model_dir: Path, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "tweets.csv"
+    with open(path, "w", newline="") as stream:
+        writer = csv.DictWriter(stream, ["text", "label"])
+        writer.writeheader()
+        writer.writerows({"text": r["text"], "label": ["positive", "negative", "neutral"][i % 3]}
+                         for i, r in enumerate(rows(30)))
+    args = ["--model", str(model_dir), "--train-file", str(path), "--label-words", "Positive=positive",
+            "negative=negative", "neutral=neutral", "--steps", "1", "--batch-size", "2", "--eval-examples", "6",
+            "--working-device", "cpu"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "label column 'label' has values without a label word: 'positive' (10 rows)" in err
+    assert "Positive=positive negative=negative neutral=neutral" in err and "--drop-unknown-labels" in err
+    assert cli.main([*args, "--drop-unknown-labels"]) == 0
+    assert "(14 train / 6 eval examples)" in capsys.readouterr().out
 
 
 def test_python_dash_m_help() -> None:

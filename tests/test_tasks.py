@@ -235,7 +235,7 @@ def test_truncation_of_registry_tasks_keeps_the_other_fields(tokenizer) -> None:
     encoder = tasks.PromptEncoder(tokenizer, max_length=60)
     prompt = tokenizer.decode(encoder.prompt_ids(example, 1))
     assert prompt.endswith(question) and row["premise"].startswith(prompt.removesuffix(question))
-    with pytest.raises(tasks.TaskError, match="without its text it still takes"):
+    with pytest.raises(tasks.TaskError, match="a prompt without its text still takes"):
         tasks.PromptEncoder(tokenizer, max_length=12).truncation([example])
     with pytest.raises(tasks.TaskError, match="truncate='middle'"):
         tasks.PromptEncoder(tokenizer, max_length=12, truncate="middle")

@@ -94,7 +94,8 @@ class Run:
     # ---------------------------------------------------------------------------- lengths
     def check_lengths(self) -> None:
         """Fit every prompt into ``--max-length`` once, before training: TaskError when a template cannot
-        fit; one warning per split saying how many examples were cut and by how much."""
+        fit (or two candidates tokenise alike); one warning per split saying how many examples were cut
+        and by how much."""
         generation = self.data.task.kind == "generation"
         for split, examples, room in (("train", self.data.train, None),
                                       ("eval", self.data.eval, self.args.max_new_tokens if generation else None)):
@@ -104,6 +105,8 @@ class Run:
                 extra = f" and --max-new-tokens {self.args.max_new_tokens}" if generation else ""
                 raise tasks.TaskError(f"--max-length {self.args.max_length}{extra} is too short: {err}") from None
             self.truncated[split] = report
+            for candidates in {e.candidates for e in examples if e.candidates}:
+                self.encoder.check_candidates(tasks.Example("", candidates))
             if report["cut"]:
                 logger.warning("%d of %d %s examples do not fit --max-length %d: their text was cut from the %s "
                                "(--truncate), by %.0f tokens on average (at most %d); templates and answers are whole",
@@ -187,7 +190,8 @@ class Run:
     def train(self) -> str:
         """Train until ``--steps``, a time budget or Ctrl-C, evaluating and saving on schedule; returns why
         it stopped (see :meth:`_stop`)."""
-        args, budget, trained_before = self.args, TimeBudget(self.args.max_seconds, self.args.max_run_seconds), self.step
+        args, trained_before = self.args, self.step
+        budget = TimeBudget(args.max_seconds, args.max_run_seconds)
         with logging_redirect_tqdm(), tqdm(total=args.steps, initial=self.step, desc="zo2 finetune", unit="step",
                                            bar_format=BUDGET_BAR_FORMAT if budget.limited else None) as bar:
             while (reason := self._stop(budget, trained_before)) is None:

@@ -22,6 +22,6 @@ ROTTEN_TOMATOES = ColumnTask(label_words={"rotten": "negative", "fresh": "positi
 
 __all__ = ["FORMATS", "TaskError", "batch_indices", "check_columns", "distinct_labels", "load_hub_split",
            "package_data_file", "read_records", "rotten_tomatoes_path", "split_examples", "subsample",
-           "training_batch", "IGNORE_INDEX", "TRUNCATION_SIDES", "PromptEncoder", "make_examples", "TASKS", "ColumnTask", "Example",
-           "TaskSpec", "TextTask", "framed", "get_task", "EvalResult", "answer_f1", "candidate_scores", "evaluate",
-           "greedy_answers", "normalize_answer", "token_logprobs", "ROTTEN_TOMATOES"]
+           "training_batch", "IGNORE_INDEX", "TRUNCATION_SIDES", "PromptEncoder", "make_examples", "TASKS",
+           "ColumnTask", "Example", "TaskSpec", "TextTask", "framed", "get_task", "EvalResult", "answer_f1",
+           "candidate_scores", "evaluate", "greedy_answers", "normalize_answer", "token_logprobs", "ROTTEN_TOMATOES"]

@@ -126,9 +126,9 @@ class PromptEncoder:
             return self.tokenizer(before + part + after)["input_ids"]
         fitted = tokens(0)
         if len(fitted) > keep:
-            raise TaskError(f"max_length={self.max_length} leaves {keep} tokens for this prompt, but without its text it "
-                            f"still takes {len(fitted)} (template and other fields: {before + after!r}); raise the "
-                            "maximum length")
+            raise TaskError(f"a prompt without its text still takes {len(fitted)} tokens (template and other fields: "
+                            f"{before + after!r}), and max_length={self.max_length} leaves it {keep} (the rest is for "
+                            "the answer); raise the maximum length")
         low, high = 0, len(text)  # tokens(low) fits, tokens(high) does not
         while high - low > 1:
             middle = (low + high) // 2

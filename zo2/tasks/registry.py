@@ -144,7 +144,8 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in [
     TaskSpec("cb", "classification", _labelled(("Yes", "No", "Maybe"), lambda r: ("Suppose ", r["premise"], f" Can we "
                                                f"infer that \"{r['hypothesis']}\"? Yes, No, or Maybe?\n")),
              "aps/super_glue", "cb", description="CommitmentBank (SuperGLUE): premise, hypothesis, label 0-2"),
-    TaskSpec("boolq", "classification", _labelled(_NO_YES, lambda r: ("", r["passage"], f" {_question(r['question'])}\n")),
+    TaskSpec("boolq", "classification", _labelled(_NO_YES, lambda r: ("", r["passage"],
+                                                                      f" {_question(r['question'])}\n")),
              "aps/super_glue", "boolq", description="BoolQ (SuperGLUE): passage, question, label 0/1"),
     TaskSpec("wsc", "classification", _labelled(_NO_YES, lambda r: ("", r["text"], f"\nIn the previous sentence, does "
                                                 f"the pronoun \"{r['span2_text'].lower()}\" refer to "
@@ -214,15 +215,16 @@ class ColumnTask:
         unused = [k for k in self.label_words if k not in values]
         found = ", ".join(f"{v!r} ({n} rows)" for v, n in sorted(unknown.items(), key=lambda item: -item[1]))
         given = " ".join(f"{k}={w}" for k, w in self.label_words.items())
+        names = ", ".join(map(repr, unused))
         if unknown and not self.drop_unknown_labels:
             raise TaskError(f"label column {self.label_column!r} has values without a label word: {found}; the label "
-                            f"words are {given}" + (f" ({', '.join(map(repr, unused))} matches no row)" if unused else "")
-                            + ". Values match exactly (case and spaces count): add VALUE=WORD to --label-words, fix the "
-                            "typo, or pass --drop-unknown-labels to leave those rows out")
+                            f"words are {given}" + (f" ({names} matches no row)" if unused else "") + ". Values match "
+                            "exactly (case and spaces count): add VALUE=WORD to --label-words, fix the typo, or pass "
+                            "--drop-unknown-labels to leave those rows out")
         if unknown:
             logger.warning("leaving out %d rows whose label has no label word: %s", sum(unknown.values()), found)
         if unused:
-            logger.warning("label words %s match no row of this data (label values are %s)", ", ".join(map(repr, unused)),
+            logger.warning("label words %s match no row of this data (label values are %s)", names,
                            ", ".join(map(repr, sorted(values))))
 
     def render(self, row: Mapping[str, Any]) -> Example | None:
