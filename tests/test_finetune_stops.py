@@ -96,8 +96,8 @@ def test_the_interrupt_line_says_what_was_saved_and_how_to_resume(tmp_path: Path
     assert RunInterrupted(0, 40, None, resumable=True).describe(command).endswith("nothing trained, nothing saved")
     abandoned = RunInterrupted(7, 40, None, resumable=True, abandoned=True, latest=saved)
     abandoned = abandoned.describe(command + " --resume")
-    assert abandoned == (f"interrupted twice: abandoned step 8 without saving; the newest checkpoint is {saved}: "
-                         f"resume with: {command} --resume")
+    assert abandoned == (f"interrupted twice: quit at once, the state after step 7 was not saved; the newest "
+                         f"checkpoint is {saved}: resume with: {command} --resume")
 
 
 def test_budgets_stop_before_a_step_that_would_overshoot() -> None:

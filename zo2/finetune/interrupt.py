@@ -37,7 +37,7 @@ class RunInterrupted(Exception):
         resume = f"resume with: {command}" + ("" if " --resume" in f" {command}" else " --resume")
         if self.abandoned:
             where = (f"; the newest checkpoint is {self.latest}: {resume}" if self.latest and self.resumable else "")
-            return f"interrupted twice: abandoned step {self.step + 1} without saving{where}"
+            return f"interrupted twice: quit at once, the state after step {self.step} was not saved{where}"
         head = f"interrupted at step {self.step} of {self.steps}"
         if self.saved is None:
             return head + ("; nothing saved (pass --output-dir to keep checkpoints)" if self.step else

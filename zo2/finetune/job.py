@@ -138,7 +138,7 @@ class Run:
             if "predicted" in record else ""
         logger.info("step %d: eval %s on %d examples%s", self.step,
                     ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()), result.size, counts)
-        collapsed = summary.collapsed_class(record["predicted"], self.eval_labels) if counts else None
+        collapsed = summary.collapsed_class(record["predicted"], self.eval_labels) if "predicted" in record else None
         if collapsed is not None:
             advice = ("before training: the prompt or the label words favour it" if self.step == 0 else
                       "the loss can fall while this happens; lower --lr, or keep an earlier checkpoint")
