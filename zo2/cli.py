@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,6 +39,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DEFAULT_TEMPLATE = "Review: {text}\nSentiment:"
 _NOT_IN_CONFIG = {"help", "config", "version"}
+INTERRUPTED = 130
+"""Exit code after Ctrl-C (128 + SIGINT, as shells report it)."""
 
 
 class ConfigFileError(ValueError):
@@ -82,8 +85,8 @@ def _label_word(text: str) -> tuple[str, str]:
 
 def _template(text: str) -> str:
     template = text.replace("\\n", "\n").replace("\\t", "\t")
-    if "{text}" not in template:
-        raise argparse.ArgumentTypeError(f"needs a {{text}} placeholder, got {text!r}")
+    if template.count("{text}") != 1:
+        raise argparse.ArgumentTypeError(f"needs exactly one {{text}} placeholder, got {text!r}")
     return template
 
 
@@ -115,12 +118,18 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--prompt-column", metavar="NAME", help="instruction data: column holding the prompt")
     data.add_argument("--label-words", metavar="LABEL=WORD", nargs="+", type=_label_word,
                       help="one per class: the word scored after the prompt (preceded by a space) for each label "
-                      "value; rows with other labels are dropped (default: each label value is its own word; "
-                      "rotten=negative fresh=positive for the embedded data)")
+                      "value, matched exactly; a label value without a word is an error (default: each label value "
+                      "is its own word; rotten=negative fresh=positive for the embedded data)")
+    data.add_argument("--drop-unknown-labels", action="store_true", help="leave out rows whose label value has no "
+                      "label word (with a warning) instead of stopping with an error")
     data.add_argument("--template", type=_template, default=DEFAULT_TEMPLATE, help="text-classification prompt "
-                      "with a {text} placeholder; \\n and \\t stand for newline and tab (default: %(default)r)")
+                      "with one {text} placeholder; \\n and \\t stand for newline and tab (default: %(default)r)")
     data.add_argument("--max-length", type=_positive_int, default=64, help="tokens per example, prompt + "
-                      "continuation; longer prompts are cut from the left (default: %(default)s)")
+                      "continuation; a longer example loses part of its text field only (the template and the "
+                      "answer stay whole), see --truncate (default: %(default)s)")
+    data.add_argument("--truncate", choices=tasks.TRUNCATION_SIDES, default="right", help="which end of a too-long "
+                      "text field is cut: right keeps its beginning (headlines, first paragraphs), left keeps its "
+                      "end (default: %(default)s)")
     data.add_argument("--train-examples", type=_positive_int, default=1000, help="training pool size (seeded "
                       "subset; class-balanced when split from one file) (default: %(default)s)")
     data.add_argument("--eval-examples", type=_positive_int, default=300, help="held-out examples evaluated "
@@ -147,8 +156,12 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
                        "evaluates only before and after training (default: %(default)s)")
     train.add_argument("--eval-batch-size", type=_positive_int, default=32, help="examples per evaluation "
                        "forward (default: %(default)s)")
-    train.add_argument("--max-seconds", type=_non_negative_float, default=0.0, help="stop training after this "
-                       "much training time (a wall-clock budget; 0: no limit) (default: %(default)s)")
+    train.add_argument("--max-seconds", type=_non_negative_float, default=0.0, help="stop training once the run "
+                       "has trained this long, counting every invocation (a resumed run has spent what it trained "
+                       "before); training time excludes evaluation and saving; 0: no limit (default: %(default)s)")
+    train.add_argument("--max-run-seconds", type=_non_negative_float, default=0.0, help="stop training after this "
+                       "much training time in this invocation (a budget per --resume); 0: no limit "
+                       "(default: %(default)s)")
     train.add_argument("--first-order", action="store_true", help="baseline: train with backpropagation and "
                        "--fo-optimizer instead of MeZO (same prompts, loss and evaluation; no offloading)")
     train.add_argument("--fo-optimizer", choices=("adamw", "sgd"), default="adamw", help="optimizer of "
@@ -170,13 +183,15 @@ def _add_placement_and_output_arguments(parser: argparse.ArgumentParser) -> None
                            "during ZO training (default: the loaded model's)")
     output = parser.add_argument_group("output")
     output.add_argument("--output-dir", metavar="DIR", help="write summary.json, loss_curve.png, checkpoints/ "
-                        "(latest) and best/ (best eval metric) here")
+                        "(latest), best/ (best eval metric, once a step beats the start) and, for --first-order, "
+                        "final/ here")
     output.add_argument("--save-every", type=_non_negative_int, default=0, help="also save a checkpoint every N "
                         "steps (for --resume); the last step is always saved (default: %(default)s)")
     output.add_argument("--save-total-limit", type=_positive_int, default=1, help="checkpoints kept in "
                         "checkpoints/, newest first (default: %(default)s)")
     output.add_argument("--save-best", action=argparse.BooleanOptionalAction, default=True,
-                        help="keep the checkpoint with the best eval metric in best/ (default: on)")
+                        help="keep the weights of the best eval in best/ when a step beats the start, as hard links "
+                        "to its checkpoint (default: on)")
     output.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in "
                         "--output-dir/checkpoints (exactly: same batches and seeds as an uninterrupted run)")
     output.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -273,6 +288,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``zo2`` and ``python -m zo2``; ``finetune`` is the default command. Returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("zo2").setLevel(args.log_level)
@@ -284,6 +300,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(_fail(name, 2, f"error: {err}"))
     except (FloatingPointError, DualForwardError) as err:
         raise SystemExit(_fail(name, 1, f"training failed: {err}"))
+    except finetune.RunInterrupted as stop:
+        raise SystemExit(_fail(name, INTERRUPTED, stop.describe(shlex.join(["zo2", *argv]))))
+    except KeyboardInterrupt:
+        raise SystemExit(_fail(name, INTERRUPTED, "interrupted"))
     if isinstance(result, dict):  # finetune's summary
         print(format_summary(result))
         return 0
