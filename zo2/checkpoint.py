@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from . import noise
+from . import adapters, noise
 from .config import ZOConfig
 from .engine import ZOEngine, replay
 from .history import HistoryError, UpdateLog
@@ -74,6 +74,12 @@ class Checkpoint:
             tensors.update(load_file(file))
         if not tensors:
             raise CheckpointError(f"{self.path}: no *.safetensors weights")
+        if adapters.is_peft_model(engine.model):  # the checkpoint holds the adapter only (peft's layout)
+            missing = adapters.load_weights(engine.model, tensors)
+            if missing:
+                raise CheckpointError(f"{self.path}: the adapter does not match the model (missing {missing[:5]})")
+            engine.load_state_dict(self.state, weights_updated=True)
+            return
         result = engine.model.load_state_dict(tensors, strict=False)
         params = dict(engine.model.named_parameters(remove_duplicate=False))
         loaded = {id(params[name]) for name in tensors if name in params}  # a tied weight is saved once

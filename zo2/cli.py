@@ -25,9 +25,11 @@ from typing import Any, Sequence
 import torch
 from transformers.utils import logging as hf_logging
 
-from . import __version__, finetune, tasks
+from . import __version__, adapters, finetune, tasks
 from .checkpoint import CheckpointError, add_replay_command
 from .config import NOISE_KINDS, STORAGE_DTYPES, ZOConfigError
+from .methods import METHODS
+from .schedules import SCHEDULES
 from .dual import DualForwardError
 from .finetune import EMBEDDED_MODEL
 from .models import UnsupportedModelError
@@ -90,6 +92,20 @@ def _template(text: str) -> str:
     return template
 
 
+def _option(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. sparsity=0.8), got {text!r}")
+    try:
+        value: Any = int(raw)
+    except ValueError:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = raw
+    return key.replace("-", "_"), value
+
+
 def _task(text: str) -> str:
     choices = (*tasks.TASKS, *finetune.GENERIC_TASKS)  # read at parse time: registered tasks count too
     if text.lower() not in choices:
@@ -144,10 +160,37 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--batch-size", type=_positive_int, default=16, help="examples per step (default: %(default)s)")
     train.add_argument("--lr", type=_positive_float, default=1e-6, help="learning rate (default: %(default)s)")
     train.add_argument("--eps", type=_positive_float, default=1e-3, help="perturbation scale (default: %(default)s)")
-    train.add_argument("--noise", choices=NOISE_KINDS, default="gaussian", help="distribution of the perturbation "
-                       "direction (default: %(default)s)")
-    train.add_argument("--num-directions", type=_positive_int, default=1, help="perturbation directions per step, "
-                       "each with lr / q (default: %(default)s)")
+    train.add_argument("--method", choices=list(METHODS), default="mezo-sgd", help="zeroth-order method "
+                       "(README, Methods): mezo-sgd, fzoo (N one-sided perturbations, normalised step), sparse-mezo, "
+                       "adamezo (Adam-style moments from the update log), meazo (scalar adaptive step) "
+                       "(default: %(default)s)")
+    train.add_argument("--method-options", metavar="KEY=VALUE", nargs="+", type=_option,
+                       help="an option of --method (e.g. sparsity=0.8 for sparse-mezo, horizon=5 for adamezo)")
+    train.add_argument("--objective", choices=("auto", "classification", "lm"), default="auto", help="what "
+                       "classification tasks minimise: classification (cross-entropy over the task's label words "
+                       "only, at the answer: MeZO's train-as-classification) or lm (cross-entropy of the correct "
+                       "label word over the whole vocabulary); auto: classification where every example has the "
+                       "same number of candidates; other tasks always train their LM loss (default: %(default)s)")
+    train.add_argument("--noise", choices=NOISE_KINDS, default=None, help="distribution of the perturbation "
+                       "direction (default: the method's: gaussian, rademacher for fzoo)")
+    train.add_argument("--num-directions", type=_positive_int, default=None, help="perturbation directions per "
+                       "step: q-SPSA's q (each with lr / q), fzoo's N (default: the method's: 1, 8 for fzoo)")
+    train.add_argument("--max-parts-per-walk", type=_positive_int, default=None, help="cap on the perturbed "
+                       "evaluations computed in one forward walk (activations grow with it; default: all of a step)")
+    train.add_argument("--lr-scheduler", choices=SCHEDULES, default="constant", help="learning-rate schedule "
+                       "over --steps (default: %(default)s)")
+    train.add_argument("--eps-scheduler", choices=SCHEDULES, default="constant", help="schedule of --eps over "
+                       "--steps, down to a tenth (default: %(default)s)")
+    train.add_argument("--warmup-steps", type=_non_negative_int, default=0, help="steps of linear lr warm-up "
+                       "(default: %(default)s)")
+    train.add_argument("--peft", choices=("none", *adapters.KINDS), default="none", help="train a fresh "
+                       "adapter instead of all weights: lora or ia3 (pip install 'zo2[peft]'); checkpoints and "
+                       "best/ then hold the adapter (default: %(default)s)")
+    train.add_argument("--lora-rank", type=_positive_int, default=8, help="--peft lora: rank (default: %(default)s)")
+    train.add_argument("--lora-alpha", type=_positive_float, default=16.0, help="--peft lora: scale alpha "
+                       "(the update is alpha / rank x BA) (default: %(default)s)")
+    train.add_argument("--peft-targets", nargs="+", metavar="MODULE", help="--peft: names of the modules that get "
+                       "an adapter (default: peft's choice for the architecture, e.g. q_proj v_proj)")
     train.add_argument("--weight-decay", type=_non_negative_float, default=0.0, help="decoupled weight decay on "
                        "matrices (default: %(default)s)")
     train.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the split, the batches and the "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .. import tasks
+from .. import adapters, tasks
 from ..checkpoint import Checkpoint, latest_checkpoint, load_checkpoint
 from ..config import ZOConfig
 from ..report import write_outputs
@@ -52,16 +52,27 @@ def run(args: argparse.Namespace) -> dict:
         raise tasks.TaskError("--resume needs --output-dir (where the checkpoints are) and a zeroth-order run")
     data = load_data(args)
     offload = args.offload if args.offload is not None else args.working_device.startswith("cuda")
-    config = ZOConfig(lr=args.lr, eps=args.eps, seed=args.seed, noise=args.noise, weight_decay=args.weight_decay,
-                      num_directions=args.num_directions, zo2=offload and not args.first_order,
-                      offloading_blocks=args.offloading_blocks, working_device=args.working_device,
-                      storage_dtype=args.storage_dtype)
+    schedules = {"lr_scheduler": args.lr_scheduler, "eps_scheduler": args.eps_scheduler,
+                 "warmup_steps": args.warmup_steps}
+    config = ZOConfig(method=args.method, method_options=dict(args.method_options or ()), lr=args.lr, eps=args.eps,
+                      seed=args.seed, noise=args.noise, weight_decay=args.weight_decay,
+                      num_directions=args.num_directions, max_parts_per_walk=args.max_parts_per_walk,
+                      zo2=offload and not args.first_order, offloading_blocks=args.offloading_blocks,
+                      working_device=args.working_device, storage_dtype=args.storage_dtype, **schedules,
+                      schedule_steps=args.steps if {args.lr_scheduler, args.eps_scheduler} != {"constant"} else None)
     dtype = getattr(torch, args.dtype) if args.dtype else (config.torch_storage_dtype or torch.float32)
     checkpoint = latest_resumable(Path(args.output_dir)) if args.resume else None
     if args.resume and checkpoint is None:
         logger.info("--resume: no checkpoint in %s/checkpoints; starting from the beginning", args.output_dir)
-    source = checkpoint.path if checkpoint is not None else args.model
+    source = checkpoint.path if checkpoint is not None and args.peft == "none" else args.model
     tokenizer, model = load_local_model(source, dtype) if source else load_embedded_model(dtype)
+    if args.peft != "none":  # a checkpoint holds the adapter alone: the base model, then the saved adapter
+        model = (adapters.load_trained(model, checkpoint.path) if checkpoint is not None else
+                 adapters.wrap(model, args.peft, rank=args.lora_rank, alpha=args.lora_alpha, targets=args.peft_targets,
+                               seed=args.seed))
+        logger.info("training a %s adapter: %d of %d parameters", adapters.describe(model),
+                    sum(p.numel() for p in model.parameters() if p.requires_grad),
+                    sum(p.numel() for p in model.parameters()))
     logger.info("task %s (%s, metric %s): %d train / %d eval examples from %s", data.task.name, data.task.kind,
                 data.task.metric, len(data.train), len(data.eval), data.name)
     resolved = {"offload": config.zo2, "working_device": config.working_device,

@@ -25,6 +25,7 @@ from .. import tasks
 from ..checkpoint import Checkpoint, save_checkpoint
 from ..config import ZOConfig
 from ..engine import ZOEngine
+from ..objectives import candidate_cross_entropy
 from . import summary
 from .budget import BUDGET_BAR_FORMAT, TimeBudget
 from .data import Data
@@ -35,9 +36,28 @@ logger = logging.getLogger(__name__)
 
 RESUME_KEYS = ("task", "train_file", "eval_file", "seed", "batch_size", "train_examples", "eval_examples",
                "max_length", "template", "label_words", "first_order", "truncate", "drop_unknown_labels",
-               "text_column", "label_column", "prompt_column")
+               "text_column", "label_column", "prompt_column", "objective", "peft", "peft_targets", "lora_rank")
 """Arguments a resumed run must share with the checkpoint's run (else the data would differ)."""
 _LOWER_IS_BETTER = {"loss", "perplexity"}
+
+
+def resolve_objective(choice: str, data: Data) -> str:
+    """``--objective`` resolved: classification tasks train as classification (``auto``) when every example
+    has the same number of candidates; everything else trains its LM loss."""
+    if data.task.kind != "classification":
+        if choice == "classification":
+            raise tasks.TaskError(f"--objective classification needs a classification task, not a {data.task.kind} "
+                                  "task")
+        return "lm"
+    same = len({len(e.candidates) for e in data.train}) == 1
+    if choice == "classification" and not same:
+        raise tasks.TaskError("--objective classification needs the same number of candidates in every training "
+                              "example; use --objective lm for this task")
+    if choice == "auto":
+        if not same:
+            logger.info("the examples have different numbers of candidates: training the label words' LM loss")
+        return "classification" if same else "lm"
+    return choice
 
 
 def _better(metric: str, value: float, best: float | None) -> bool:
@@ -59,6 +79,9 @@ class Run:
         self.resolved = resolved
         """Effective values of flags whose default depends on the machine (offload, device, dtype)."""
         self.encoder = tasks.PromptEncoder(tokenizer, args.max_length, args.truncate)
+        self.objective = resolve_objective(args.objective, data)
+        """``"classification"`` (cross-entropy over the label words) or ``"lm"`` (the label word's LM loss)."""
+        resolved.update(objective=self.objective, noise=config.noise, num_directions=config.num_directions)
         self.output = Path(args.output_dir) if args.output_dir else None
         self.metric = data.task.metric
         self.eval_labels = summary.label_counts(data.eval)
@@ -88,8 +111,9 @@ class Run:
             self.engine, self.model = ZOEngine(model, config), model
             logger.debug("units:\n%s", self.engine.describe())
         # transformers < 5.x may not accept a (B, 1) logits_to_keep: then every position is projected.
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the base names it
         self.select_logits = (hasattr(modeling_utils, "slice_logits_to_keep") and "logits_to_keep" in
-                              inspect.signature(model.forward).parameters)
+                              inspect.signature(inner.forward).parameters)
 
     # ---------------------------------------------------------------------------- lengths
     def check_lengths(self) -> None:
@@ -154,13 +178,20 @@ class Run:
     def train_step(self) -> dict:
         """One training step on the batch of step ``self.step``; returns its history record."""
         examples = tasks.training_batch(self.data.train, self.args.batch_size, self.args.seed, self.step)
-        batch = self.encoder.training_batch(examples)
+        classify = self.objective == "classification"
+        batch = self.encoder.classification_batch(examples) if classify else self.encoder.training_batch(examples)
+        objective = candidate_cross_entropy if classify else None
         if self.engine is not None:
-            result = self.engine.step(batch)
+            result = self.engine.step(batch, objective=objective)
             return {"step": self.step + 1, "loss": result.loss, "loss_minus": result.loss_minus,
                     "projected_grad": result.projected_grad}
         self.model.train()
-        loss = self.model(**{k: v.to(self.config.working_device) for k, v in batch.items()}, use_cache=False).loss
+        batch = {k: v.to(self.config.working_device) for k, v in batch.items()}
+        if classify:
+            inputs = {k: v for k, v in batch.items() if k not in candidate_cross_entropy.targets}
+            loss = candidate_cross_entropy(self.model(**inputs, use_cache=False), batch).mean()
+        else:
+            loss = self.model(**batch, use_cache=False).loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"step {self.step + 1}: the loss is {float(loss)}")
         loss.backward()

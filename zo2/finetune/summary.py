@@ -22,7 +22,8 @@ COLLAPSE_SHARE = 0.8
 COLLAPSE_EXCESS = 0.2
 """... and this much more than its share of the true labels is reported as a collapse."""
 _NEVER_RECORDED = {"handler", "command", "config", "log_level", "resume", "output_dir"}
-_ZO_ONLY = {"eps", "noise", "num_directions", "offload", "offloading_blocks", "storage_dtype"}
+_ZO_ONLY = {"eps", "noise", "num_directions", "offload", "offloading_blocks", "storage_dtype", "method",
+            "method_options", "max_parts_per_walk", "eps_scheduler"}
 _COLUMN_TASK_ONLY = {"template", "label_words", "label_column", "drop_unknown_labels"}
 
 
@@ -77,6 +78,12 @@ def applied_settings(args: argparse.Namespace, data: Data, resolved: dict[str, A
         effective["text_column"] = task.text_column
     if not effective.get("offload"):
         skip.add("offloading_blocks")
+    if args.peft == "none":
+        skip |= {"lora_rank", "lora_alpha", "peft_targets"}
+    elif args.peft != "lora":
+        skip |= {"lora_rank", "lora_alpha"}
+    if task.kind != "classification":
+        skip.add("objective")
     return {key.replace("_", "-"): _jsonable(value) for key, value in effective.items()
             if key not in skip and value is not None}
 

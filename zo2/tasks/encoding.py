@@ -215,6 +215,21 @@ class PromptEncoder:
         del batch["labels"]
         return batch
 
+    def classification_batch(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        """A batch for :data:`zo2.candidate_cross_entropy` (train as classification): the prompts with
+        ``candidate_tokens`` (1, C) when every example shares single-token candidates, else one row per
+        (example, candidate); ``candidate_label`` holds each example's correct candidate. Every example
+        must have the same number of candidates (TaskError otherwise)."""
+        counts = {len(e.candidates) for e in examples}
+        if len(counts) != 1 or 0 in counts:
+            raise TaskError(f"training as classification needs the same number of candidates in every example, "
+                            f"got {sorted(counts)}; use the label-word LM objective (--objective lm)")
+        label = torch.tensor([e.label for e in examples], dtype=torch.long)
+        if self.shares_single_token_candidates(examples):
+            tokens = torch.tensor([[self.piece_ids(c)[0] for c in examples[0].candidates]], dtype=torch.long)
+            return {**self.prompt_batch(examples), "candidate_tokens": tokens, "candidate_label": label}
+        return {**self.candidate_batch(examples), "candidate_label": label}
+
     def candidate_batch(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         """Rows example-major, one per (example, candidate): prompt + candidate, the candidate supervised."""
         rows, supervised = [], []
