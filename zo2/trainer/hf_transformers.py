@@ -36,10 +36,11 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..checkpoint import (SEED_LOG_NAME, STATE_NAME, CheckpointError, latest_checkpoint, load_checkpoint,
                           save_seed_log, write_json_atomic, write_manifest)
+from ..compat import mark_placed, rotate_checkpoints
 from ..config import ZOConfig
 from ..engine import StepResult, ZOEngine
 from ..hf import engine_for_this_process, on_this_rank
@@ -168,8 +169,7 @@ class ZOTrainerMixin:
             if getattr(self, attribute, None) is not None:
                 raise ValueError(f"{name} does not take {attribute}: {why}")
         self.zo_engine = self._zo_engine(zo_config)
-        # The engine owns placement: accelerate must neither move the model nor wrap it in DDP.
-        self.model._is_accelerate_prepared = True
+        mark_placed(self.model)  # the engine owns placement: no move, no DDP wrapper
         self._zo_results: list[StepResult] = []
         self._zo_tokens = 0
         self._zo_since: float | None = None
@@ -264,8 +264,7 @@ class ZOTrainerMixin:
                                                    "extra": {"global_step": self.state.global_step}})
         save_seed_log(engine, directory / SEED_LOG_NAME)
         write_manifest(directory, step=self.state.global_step)
-        rotate_checkpoints(output_dir=str(run_dir), save_total_limit=limit,
-                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        rotate_checkpoints(self, run_dir, limit)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """Trainer.train; a checkpoint to resume from must be complete and intact (CheckpointError
