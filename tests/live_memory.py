@@ -23,7 +23,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 #: torch releases whose profiler results were checked to expose the memory events read below.
-CHECKED = ((2, 4), (2, 13))
+CHECKED = ((2, 11), (2, 13))
 
 
 _WINDOW = "live_memory.window"

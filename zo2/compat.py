@@ -9,9 +9,9 @@ from typing import Any
 
 from transformers import trainer_utils
 
-#: transformers >= 5.? (5.17 and 5.24 checked) has ``trainer_utils.rotate_checkpoints``; 5.0 only the
-#: private ``Trainer._rotate_checkpoints``. Tested by tests/test_trainer.py (save_total_limit=1 keeps
-#: the newest complete checkpoint).
+#: Later transformers releases (5.17 and 5.24 checked) have ``trainer_utils.rotate_checkpoints``; 5.0 has
+#: only the private ``Trainer._rotate_checkpoints``. Tested on the installed release by tests/test_trainer.py
+#: and tests/test_resume.py (save_total_limit keeps the newest complete checkpoints).
 _ROTATE = getattr(trainer_utils, "rotate_checkpoints", None)
 
 
