@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from . import noise
 from .config import ZOConfig
 from .engine import ZOEngine, replay
 from .history import Update
@@ -168,7 +169,8 @@ def verify_manifest(directory: str | Path) -> dict[str, Any]:
 def seed_log(engine: ZOEngine) -> dict[str, Any]:
     """The seed log of ``engine`` as a JSON-serialisable dict."""
     model = engine.model
-    return {"format": SEED_LOG_FORMAT, "version": _FORMAT_VERSION, "model_class": type(model).__name__,
+    return {"format": SEED_LOG_FORMAT, "version": _FORMAT_VERSION, "generator_version": noise.GENERATOR_VERSION,
+            "model_class": type(model).__name__,
             "dtype": str(engine.units[0].master.dtype).replace("torch.", ""), "config": engine.config.to_dict(),
             "step_count": engine.step_count, "updates": [[u.seed, u.projected_grad, u.lr] for u in engine.history]}
 
@@ -189,6 +191,10 @@ def read_seed_log(path: str | Path) -> dict[str, Any]:
     log = _read_json(path, "seed log")
     if not isinstance(log, dict) or log.get("format") != SEED_LOG_FORMAT:
         raise CheckpointError(f"{path}: not a zo2 seed log (format field != {SEED_LOG_FORMAT!r})")
+    try:
+        noise.check_generator_version(log.get("generator_version", 1), str(path))  # none: written before versions
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
     try:
         log["updates"] = [Update(int(seed), float(grad), float(lr)) for seed, grad, lr in log["updates"]]
     except (KeyError, TypeError, ValueError) as err:

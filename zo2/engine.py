@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from . import dual, losses, noise, plan
+from . import dual, kernels, losses, noise, plan
 from .config import ZOConfig
 from .history import Update
 from .kernels import apply_updates, update_and_perturb
@@ -240,10 +240,8 @@ class ZOEngine:
 
     def _warm_up(self) -> None:
         """Run the update and perturbation calls of a step once on a scratch buffer, so that compiling
-        them (``torch.compile`` of the noise generator, Triton's JIT) happens at load time and not in the
-        first step. The buffer is just large enough to take the compiled path where a unit would."""
-        needed = max(noise.compile_threshold(self.config.noise), noise.compile_threshold("uniform"))
-        size = min(max(u.numel for u in self.units), noise.chunk_size(self.device), needed)
+        them (building the fused CPU kernel, Triton's JIT) happens at load time and not in the first step."""
+        size = min(max(u.numel for u in self.units), kernels.WARM_UP_NUMEL)
         kwargs = self._kernel_args()
         pending = [Update(seed=0, projected_grad=0.0, lr=0.0)]
         for dtype in {u.master.dtype for u in self.units}:
@@ -539,12 +537,14 @@ class ZOEngine:
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable training state: the step count, every update and the config."""
         return {"step_count": self.step_count, "config": self.config.to_dict(),
+                "generator_version": noise.GENERATOR_VERSION,
                 "history": [[u.seed, u.projected_grad, u.lr] for u in self.history]}
 
     def load_state_dict(self, state: Mapping[str, Any], *, weights_updated: bool = True) -> None:
         """Restore ``state_dict()``'s state. ``weights_updated=True``: the model's weights already hold
         every update (a flushed checkpoint); False: they are the base weights and the history is applied
         when each unit is next used (as ``replay`` does)."""
+        noise.check_generator_version(state.get("generator_version", 1), "the engine state")  # none: before versions
         saved_noise = state.get("config", {}).get("noise", self.config.noise)
         if saved_noise != self.config.noise:
             raise ValueError(f"the state was trained with ZOConfig.noise={saved_noise!r}, this engine has "
@@ -611,7 +611,8 @@ def replay(model: nn.Module, updates: list[Update], config: ZOConfig) -> ZOEngin
     """Rebuild fine-tuned weights: ``model`` must hold the base weights and ``config`` the training
     run's storage settings; every update is applied in order, exactly as training applied it."""
     engine = ZOEngine(model, config)
-    engine.load_state_dict({"step_count": len(updates) // config.num_directions, "history": [[u.seed, u.projected_grad, u.lr] for u in updates]},
+    engine.load_state_dict({"step_count": len(updates) // config.num_directions, "generator_version": noise.GENERATOR_VERSION,
+                            "history": [[u.seed, u.projected_grad, u.lr] for u in updates]},
                            weights_updated=False)
     engine.flush()
     return engine
