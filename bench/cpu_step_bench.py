@@ -100,26 +100,31 @@ def _run_one(config: str, args: argparse.Namespace) -> dict:
                                           kernels=args.kernels))
         step = lambda t: engine.step(batch)
     setup = time.perf_counter() - built
-    times = []
+    times, cpu = [], []
     for t in range(args.warmup + args.steps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         step(t)
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
     return {"config": config, "setup_s": setup, "first_s": times[0], "median_s": statistics.median(times[args.warmup:]),
-            "steps_s": times, "threads": torch.get_num_threads()}
+            "cpu_s": statistics.median(cpu[args.warmup:]), "steps_s": times, "threads": torch.get_num_threads()}
 
 
 def _table(rows: list[dict], rounds: int) -> str:
+    """Wall s/step per round; the medians over rounds give the ratios. CPU s/step (process time, all
+    threads) does not count time the machine gave to other processes: the robust figure on a shared host."""
     by_config = {c: [r for r in rows if r["config"] == c] for c in CONFIGS if any(r["config"] == c for r in rows)}
-    medians = {c: statistics.median(r["median_s"] for r in rs) for c, rs in by_config.items()}
-    head = "| configuration | " + " | ".join(f"s/step, round {i + 1}" for i in range(rounds))
-    lines = [head + " | first step (s) | x floor | mezo / this |", "|---" * (rounds + 4) + "|"]
+    wall = {c: statistics.median(r["median_s"] for r in rs) for c, rs in by_config.items()}
+    cpu = {c: statistics.median(r["cpu_s"] for r in rs) for c, rs in by_config.items()}
+    lines = ["| configuration | " + " | ".join(f"s/step, round {i + 1}" for i in range(rounds))
+             + " | first step (s) | CPU s/step | x floor | x floor (CPU) | mezo / this |", "|---" * (rounds + 6) + "|"]
     for config, rs in by_config.items():
-        ratio_floor = f"{medians[config] / medians['floor']:.2f}" if "floor" in medians else "-"
-        ratio_mezo = f"{medians['mezo'] / medians[config]:.2f}" if "mezo" in medians else "-"
+        ratios = [f"{wall[config] / wall['floor']:.2f}" if "floor" in wall else "-",
+                  f"{cpu[config] / cpu['floor']:.2f}" if "floor" in cpu else "-",
+                  f"{wall['mezo'] / wall[config]:.2f}" if "mezo" in wall else "-"]
         cells = " | ".join(f"{r['median_s']:.2f}" for r in rs)
         first = statistics.median(r["first_s"] for r in rs)
-        lines.append(f"| {config} | {cells} | {first:.2f} | {ratio_floor} | {ratio_mezo} |")
+        lines.append(f"| {config} | {cells} | {first:.2f} | {cpu[config]:.2f} | {' | '.join(ratios)} |")
     return "\n".join(lines)
 
 

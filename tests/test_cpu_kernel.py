@@ -169,3 +169,15 @@ def test_training_through_the_kernel_equals_training_through_the_torch_path(conf
     assert fused_losses == torch_losses
     assert torch.equal(fused_weights, torch_weights)
     assert not torch.equal(fused_weights, masters(ZOEngine(make_model("llama"), ZOConfig(working_device="cpu", **config))))
+
+
+def test_the_noise_benchmark_finds_the_kernel_and_the_torch_path_equal():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "bench" / "noise_bench.py"
+    out = subprocess.run([sys.executable, str(script), "--numel", "5000", "--repeats", "1", "--kernels", "cpu", "torch"],
+                         capture_output=True, text=True, check=True).stdout
+    gaps = [line for line in out.splitlines() if line.startswith("max |cpu - torch|")]
+    assert len(gaps) == 4 and all(line.endswith(": 0") for line in gaps), out

@@ -2,9 +2,9 @@
 // signs | uniforms -> pending updates (decay, stochastic rounding) -> theta +- eps*z, one cache-sized
 // block at a time, z never leaving a block. Every step mirrors zo2/noise.py and
 // zo2/kernels/torch_path.py operation for operation (built with -ffp-contract=off, so a product is
-// fused into an addition only where fused_muladd says so, as torch's add(..., alpha=) does on this
-// CPU), hence bit-identical results. Values depend on the absolute element index only, never on the
-// block or thread that computes them.
+// fused into an addition only in muladd, and there only if ZO2_FUSED_MULADD: where torch's
+// add(..., alpha=) fuses on this CPU), hence bit-identical results. Values depend on the absolute
+// element index only, never on the block or thread that computes them.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
