@@ -202,7 +202,7 @@ def read_seed_log(path: str | Path) -> dict[str, Any]:
     try:
         history = UpdateLog.from_json(log, generator=noise.GENERATOR_VERSION)
     except HistoryError as err:
-        raise CheckpointError(f"{path}: {err}") from None
+        raise CheckpointError(f"{path} {err}") from None
     return {**log, "updates": history.updates(), "updates_per_step": history.updates_per_step}
 
 
@@ -291,7 +291,7 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
     state = dict(data["engine"])
     if "log" not in state and "history" not in state:  # the update log is stored once, in the seed log
         log = read_seed_log(directory / SEED_LOG_NAME)
-        state["log"] = {"updates_per_step": log["updates_per_step"], "generator": log.get("generator", 0),
+        state["log"] = {"updates_per_step": log["updates_per_step"], "generator_version": log["generator_version"],
                         "updates": [u.to_json() for u in log["updates"]]}
     return Checkpoint(directory, state, data.get("extra") or {})
 

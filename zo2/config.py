@@ -165,12 +165,15 @@ class ZOConfig:
     memory; each uploads 1/N of a block and the slices are all-gathered on the devices."""
     distributed_timeout: float = 600.0
     """Distributed: seconds after which a collective waiting for a dead or hung rank raises (> 0)."""
-    kernels: Literal["auto", "torch", "triton"] = field(default_factory=kernels.default_backend)
+    kernels: Literal["auto", "cpu", "torch", "triton"] = field(default_factory=kernels.default_backend)
     """Backend of the update and perturbation passes (:mod:`zo2.kernels`). ``"auto"``: the fused Triton
-    kernel for CUDA buffers, plain torch otherwise; ``"torch"``: always plain torch (the reference);
-    ``"triton"``: always Triton (CPU tensors only under ``TRITON_INTERPRET=1``). The default is the
-    environment variable ``ZO2_KERNELS`` when set, else ``"auto"``; the choice is recorded in the
-    config, so a seed log says what produced its bits."""
+    kernel for CUDA buffers, the fused C++ kernel for CPU buffers (built on first use with the system's
+    C++ compiler; without one, logged once, plain torch), plain torch otherwise; ``"cpu"``: always the
+    fused C++ kernel (an error if it cannot be built); ``"torch"``: always plain eager torch (the
+    reference); ``"triton"``: always Triton (CPU tensors only under ``TRITON_INTERPRET=1``). The CPU
+    kernel and the torch path give the same bits. The default is the environment variable
+    ``ZO2_KERNELS`` when set, else ``"auto"``; the choice is recorded in the config, so a seed log says
+    what produced its bits."""
 
     def __post_init__(self) -> None:
         self.validate()

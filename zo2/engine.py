@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from . import dual, losses, noise, objectives
+from . import dual, kernels, losses, noise, objectives
 from .config import ZOConfig
 from .history import HistoryError, Update, UpdateLog
 from .kernels import apply_updates, update_and_perturb
@@ -183,10 +183,8 @@ class ZOEngine:
 
     def _warm_up(self) -> None:
         """Run the update and perturbation calls of a step once on a scratch buffer, so that compiling
-        them (``torch.compile`` of the noise generator, Triton's JIT) happens at load time and not in the
-        first step. The buffer is just large enough to take the compiled path where a unit would."""
-        needed = max(noise.compile_threshold(self.config.noise), noise.compile_threshold("uniform"))
-        size = min(max((u.numel for u in self.trainable_units), default=1), noise.chunk_size(self.device), needed)
+        them (building the fused CPU kernel, Triton's JIT) happens at load time and not in the first step."""
+        size = min(max((u.numel for u in self.trainable_units), default=1), kernels.WARM_UP_NUMEL)
         kwargs = self._kernel_args()
         pending = [Update(seed=0, projected_grad=0.0, lr=0.0)]
         signs = sorted({p.sign for p in self.method.parts(self.seeds(0)) if p.sign}, reverse=True)
@@ -423,7 +421,7 @@ class ZOEngine:
             loaded = UpdateLog.from_json(log, updates_per_step=self.method.updates_per_step,
                                          generator=noise.GENERATOR_VERSION)
         except HistoryError as err:
-            raise ValueError(f"cannot load this training state: {err}") from None
+            raise ValueError(f"the training state {err}") from None
         if loaded.steps != int(state.get("step_count", loaded.steps)):
             raise ValueError(f"the state says {state['step_count']} steps but its log holds {loaded.steps}")
         self.flush()
