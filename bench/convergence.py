@@ -93,20 +93,23 @@ def _config(spec: dict, lr: float, seed: int) -> ZOConfig:
 
 
 def train_zo(spec: dict, lr: float, seed: int, budget: int, data: tuple, encoder: tasks.PromptEncoder,
-             args: argparse.Namespace, eval_set: list) -> Run:
-    """Train ``spec`` with ``lr`` for ``budget`` forward passes, evaluating ``eval_set`` along the way."""
+             args: argparse.Namespace, eval_set: list, untrained: dict, eval_points: int) -> Run:
+    """Train ``spec`` with ``lr`` for ``budget`` forward passes, evaluating ``eval_set`` at ``eval_points``
+    evenly spaced steps. ``untrained`` is the untrained model's result on ``eval_set``: every run starts
+    from the same weights, so step 0 is measured once per eval set, not once per run."""
     train, _, _ = data
     _, model = load_embedded_model(torch.float32)
     engine = ZOEngine(model, _config(spec, lr, seed))
     per_step = len(engine.parts())
     steps = max(1, budget // per_step)
-    marks = sorted({round(steps * k / (args.eval_points - 1)) for k in range(args.eval_points)})
+    marks = sorted({round(steps * k / max(eval_points - 1, 1)) for k in range(eval_points)} | {steps})
     classify = spec.get("objective", "classification") == "classification"
     run, seconds = Run(spec["name"], lr, seed, budget), []
     for step in range(steps + 1):
         if step in marks:
+            measured = untrained if step == 0 else _evaluate(engine, encoder, eval_set, args.eval_batch_size)
             run.points.append({"forward_passes": step * per_step, "step": step, "train_seconds": sum(seconds),
-                               **_evaluate(engine, encoder, eval_set, args.eval_batch_size)})
+                               **measured})
             logger.info("%s lr %.1e seed %d: %d/%d steps, accuracy %.4f, loss %.4f", run.name, lr, seed, step, steps,
                         run.points[-1]["accuracy"], run.points[-1]["loss"])
         if step == steps:
@@ -153,12 +156,13 @@ def train_first_order(seconds: float, seed: int, data: tuple, encoder: tasks.Pro
     return run
 
 
-def _search(spec: dict, data: tuple, encoder: tasks.PromptEncoder, args: argparse.Namespace) -> dict:
+def _search(spec: dict, data: tuple, encoder: tasks.PromptEncoder, args: argparse.Namespace,
+            untrained_val: dict) -> dict:
     budget = max(1, int(args.forward_passes * args.search_fraction))
     trials = []
     for factor in args.search_factors:
         lr = spec["lr"] * factor
-        run = train_zo(spec, lr, 0, budget, data, encoder, args, data[1])
+        run = train_zo(spec, lr, 0, budget, data, encoder, args, data[1], untrained_val, eval_points=1)
         trials.append({"lr": lr, **run.points[-1]})
     best = max(trials, key=lambda t: (t["accuracy"], -t["loss"]))
     logger.info("%s: lr search %s -> %.1e", spec["name"], [(t["lr"], t["accuracy"]) for t in trials], best["lr"])
@@ -251,26 +255,33 @@ def main() -> None:
     results: dict[str, Any] = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                                "torch_threads": torch.get_num_threads(), "methods": {}}
     results["zero_shot"] = _evaluate(model.eval(), encoder, data[2], args.eval_batch_size)
-    logger.info("zero-shot test accuracy %.4f", results["zero_shot"]["accuracy"])
+    untrained_val = _evaluate(model, encoder, data[1], args.eval_batch_size)
+    logger.info("zero-shot test accuracy %.4f, validation %.4f", results["zero_shot"]["accuracy"],
+                untrained_val["accuracy"])
     for name in args.methods:
         if args.max_seconds and time.perf_counter() - started > args.max_seconds:
             logger.warning("--max-seconds spent: %s and later methods not run", name)
             break
         spec = {"name": name, **METHODS[name]}
-        search = _search(spec, data, encoder, args)
-        runs = [train_zo(spec, search["lr"], seed, args.forward_passes, data, encoder, args, data[2])
-                for seed in args.seeds]
+        search = _search(spec, data, encoder, args, untrained_val)
+        runs = [train_zo(spec, search["lr"], seed, args.forward_passes, data, encoder, args, data[2],
+                         results["zero_shot"], args.eval_points) for seed in args.seeds]
         results["methods"][name] = {"search": search, "runs": [asdict(r) for r in runs]}
-        (args.out / "results.json").write_text(json.dumps(results, indent=1))
+        _write(results, args.out)
     mezo = results["methods"].get("mezo-sgd")
     if args.first_order and mezo:
         wall = statistics.median(r["points"][-1]["train_seconds"] for r in mezo["runs"])
         results["first_order"] = [asdict(train_first_order(wall, args.seeds[0], data, encoder, args))]
     results["seconds"] = time.perf_counter() - started
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    (args.out / "table.md").write_text(table(results) + "\n")
-    plot(results, args.out / "convergence.png")
+    _write(results, args.out)
     print(table(results))
+
+
+def _write(results: dict, out: Path) -> None:
+    """Results so far (after every method, so an interrupted run keeps what it measured)."""
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "table.md").write_text(table(results) + "\n")
+    plot(results, out / "convergence.png")
 
 
 if __name__ == "__main__":
