@@ -96,6 +96,12 @@ def make_batch(head: str = "causal", batch: int = 4, length: int = 10, seed: int
     return {"input_ids": ids, "attention_mask": mask, "start_positions": starts, "end_positions": starts + 2}
 
 
+def first_order_drop(updates) -> float:
+    """How much ``updates`` lower the loss to first order: an update moves theta by -lr g z, and g is the
+    directional derivative along z, so the loss falls by lr g^2 (summed over the updates)."""
+    return sum(u.lr * u.projected_grad ** 2 for u in updates)
+
+
 def masters(engine) -> torch.Tensor:
     """Every unit's master weights, concatenated (after applying pending updates)."""
     engine.flush()

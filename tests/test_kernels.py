@@ -163,7 +163,7 @@ def test_the_backend_choice_picks_the_path(monkeypatch):
     cpu = torch.zeros(4)
     for choice, expected in (("torch", False), ("auto", False)):
         assert kernels.use_triton(cpu, choice) is expected
-    with pytest.raises(ValueError, match="kernel backend 'cuda' is unknown.*'auto', 'torch', 'triton'"):
+    with pytest.raises(ValueError, match="kernel backend 'cuda' is unknown.*'auto', 'cpu', 'torch', 'triton'"):
         kernels.use_triton(cpu, "cuda")
     monkeypatch.setenv(kernels.ENV_DEFAULT, "Torch")
     assert ZOConfig(working_device="cpu").kernels == "torch"  # the environment gives the default

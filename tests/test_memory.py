@@ -1,36 +1,39 @@
-"""zo_init moves the model into flat storage unit by unit: never two full copies in host memory."""
-import os
-import subprocess
-import sys
-import textwrap
+"""Memory by design, counted in bytes of live tensors (tests/live_memory.py), not in RSS: zo_init moves
+the model into flat storage unit by unit, never holding two copies of the weights."""
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
-_SCRIPT = textwrap.dedent("""
-    import resource, torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from zo2 import ZOConfig, ZOEngine
+from zo2 import ZOConfig, ZOEngine
+from live_memory import live_tensor_bytes
 
-    def rss_mib():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
-    config = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=2048, num_hidden_layers=24,
-                         num_attention_heads=8, num_key_value_heads=8)
-    with torch.device("cpu"):
-        model = LlamaForCausalLM(config)
-    size = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    before = rss_mib()
-    ZOEngine(model, ZOConfig(working_device="cpu", zo2=True))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(size, before, peak, rss_mib())
-""")
+def test_the_meter_counts_live_tensors_and_the_frees_of_older_ones():
+    with live_tensor_bytes() as live:
+        older = torch.ones(1 << 18)  # 1 MiB, made before the window: its free counts
+        with live.window():
+            first = torch.empty(1 << 20, dtype=torch.uint8)  # 1 MiB
+            kept = torch.ones(1 << 19)  # 2 MiB
+            del first, older
+            also_kept = torch.ones(1 << 18)  # 1 MiB
+    assert (live.peak, live.end) == (3 << 20, 2 << 20)
+    assert kept.numel() + also_kept.numel() == 3 << 18
 
 
 def test_zo_init_never_holds_two_copies_of_the_weights():
-    # zo_init also compiles the noise generator (warm-up); the compiler's own ~100 MiB is not a copy of
-    # the weights, so this measurement runs the eager generator
-    env = {**os.environ, "ZO2_COMPILE_NOISE": "0"}
-    out = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, check=True, env=env)
-    size, before, peak, after = map(float, out.stdout.split()[-4:])
-    assert size > 250  # a model large enough for the measurement to mean something
-    assert peak - before < 0.25 * size, f"placing a {size:.0f} MiB model raised the peak by {peak - before:.0f} MiB"
-    assert after - before < 0.25 * size
+    config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=1024, num_hidden_layers=12,
+                         num_attention_heads=8, num_key_value_heads=8)
+    with live_tensor_bytes() as placed:
+        model = LlamaForCausalLM(config)  # made inside the meter, so the frees of its weights are seen
+        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        with placed.window():
+            engine = ZOEngine(model, ZOConfig(working_device="cpu", zo2=True))
+    largest = max(unit.master.nbytes for unit in engine.units)
+    slots = engine.config.num_slots * max(unit.master.nbytes for unit in engine.units if unit.offloaded)
+    assert size > 12 * largest / 2  # many units: a copy of the model would be many units too
+    # beside zo2's slots for streamed blocks, at most one unit is in transit (its old weights and its new
+    # master) and the start-up noise call's scratch buffer is no larger than a unit
+    assert placed.peak - slots <= 2 * largest, (placed.peak, slots, largest, size)
+    # the masters replaced the weights: what else is left is far less than a unit (where torch.compile of
+    # the noise generator fails, as under ATEN_CPU_CAPABILITY=default with torch 2.13, the logged error's
+    # traceback, kept by pytest's log capture, holds the warm-up's chunk: 1.7 MB here)
+    assert placed.end - slots <= largest, (placed.end, slots, largest)

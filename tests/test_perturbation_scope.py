@@ -1,19 +1,16 @@
 """Module-scoped perturbation: each weight matrix is perturbed by the module that owns it, for each half,
 right before that module runs. Same bits as perturbing whole units, with one matrix in memory at a time."""
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from zo2 import ZOConfig, ZOEngine, plan
 from zo2.models import UnsupportedModelError, find_partition
 from zo2.scheduler import TransferScheduler
 from zo2.storage import SlotPool, Unit
 from conftest import ARCHS, make_batch, make_model, masters
+from live_memory import live_tensor_bytes
 
 
 def _train(model, steps=3, batches=None, **config):
@@ -107,7 +104,7 @@ def _units(count: int, size: int) -> list[Unit]:
 
 def test_the_scheduler_prefetches_while_a_unit_holds_its_slot_and_evicts_for_an_unexpected_one():
     units = _units(4, 8)
-    scheduler = TransferScheduler(units, SlotPool(2, 8, torch.float32, torch.device("cpu")), torch.device("cpu"))
+    scheduler = TransferScheduler(units, SlotPool(2, 8 * 4, torch.device("cpu")), torch.device("cpu"))
     scheduler.restart()
     assert torch.equal(scheduler.acquire(units[0]), units[0].master)
     assert set(scheduler._inflight) == {0, 1}  # block 1 uploads while block 0 still holds its slot
@@ -121,39 +118,24 @@ def test_the_scheduler_prefetches_while_a_unit_holds_its_slot_and_evicts_for_an_
         scheduler.acquire(units[0])
 
 
-_PEAK_SCRIPT = textwrap.dedent("""
-    import sys, torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from zo2 import ZOConfig, ZOEngine
-
-    def status(key):
-        for line in open("/proc/self/status"):
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=512, hidden_size=1024, intermediate_size=4096, num_hidden_layers=3,
-                         num_attention_heads=8, num_key_value_heads=8)
-    model = LlamaForCausalLM(config)
-    block = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
-    engine = ZOEngine(model, ZOConfig(working_device="cpu", zo2=False, perturbation_scope=sys.argv[1]))
-    ids = torch.randint(0, 512, (1, 16))
-    engine.step({"input_ids": ids, "labels": ids})
-    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
-    before = status("VmRSS")
-    engine.step({"input_ids": ids, "labels": ids})
-    print(block, status("VmHWM") - before)
-""")
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
 def test_module_scope_lowers_the_peak_memory_of_a_step():
-    """Measured, not predicted: the peak RSS a step adds (the working device is the CPU here). Unit scope
-    writes both perturbed copies of a block; module scope one matrix (a quarter of a block) at a time."""
-    growth = {}
+    """Counted in bytes of live tensors a step allocates (the working device is the CPU here), so the same
+    on every machine: unit scope writes both perturbed copies of a block, module scope one weight matrix
+    (a quarter of a LLaMA block: the MLP's h x 4h) at a time. Both also hold the step's activations and the
+    noise generator's temporaries (one chunk), the same in both scopes. The copies come from a pool that
+    later steps reuse: the first step allocates them, the second does not."""
+    first, second = {}, {}
     for scope in ("unit", "module"):
-        out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, scope], capture_output=True, text=True, check=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-        block, growth[scope] = map(int, out.stdout.split()[-2:])
-    assert growth["unit"] > 1.5 * block, growth
-    assert growth["module"] < growth["unit"] - block, growth
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=2048,
+                                             num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=8))
+        block = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+        engine = ZOEngine(model, ZOConfig(working_device="cpu", zo2=False, perturbation_scope=scope))
+        ids = torch.randint(0, 512, (1, 16))
+        for peaks in (first, second):  # the second step also applies the first one's update
+            with live_tensor_bytes() as live:
+                engine.step({"input_ids": ids, "labels": ids})
+            peaks[scope] = live.peak
+    assert first["unit"] >= 2 * block, (first, block)
+    assert first["module"] <= first["unit"] - 1.5 * block, (first, block)  # saves two copies less one matrix
+    assert second["unit"] <= first["unit"] - 1.5 * block, (first, second, block)  # the copies are reused

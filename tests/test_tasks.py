@@ -205,13 +205,51 @@ def test_training_batch_supervises_only_the_continuation(tokenizer) -> None:
         assert batch["labels"][row, length:].eq(IGNORE_INDEX).all()
 
 
-def test_long_prompts_are_cut_from_the_left(tokenizer) -> None:
-    encoder = tasks.PromptEncoder(tokenizer, max_length=12)
-    example = tasks.get_task("rte").render(FIXTURES["rte"][0])
+@pytest.mark.parametrize("side", tasks.TRUNCATION_SIDES)
+def test_truncation_cuts_only_the_text_field(tokenizer, side) -> None:
+    task = tasks.ColumnTask({"0": "terrible", "1": "great"}, template="Article: {text}\nIs it great?")
+    text = " ".join([PASSAGE] * 4)
+    long, short = task.render({"text": text, "label": 1}), task.render({"text": "It is in Paris.", "label": 0})
+    encoder = tasks.PromptEncoder(tokenizer, max_length=40, truncate=side)
+    assert encoder.prompt_ids(short, 1) == tokenizer(short.prompt)["input_ids"]  # what fits is never touched
+    ids = encoder.prompt_ids(long, 1)
+    assert encoder.prompt_length(long) > 39 >= len(ids)
+    prompt = tokenizer.decode(ids)
+    assert prompt.startswith("Article: ") and prompt.endswith("\nIs it great?")  # the template is whole
+    kept = prompt.removeprefix("Article: ").removesuffix("\nIs it great?")
+    assert kept and (text.startswith(kept) if side == "right" else text.endswith(kept)) and len(kept) < len(text)
+    more = text[:len(kept) + 1] if side == "right" else text[-len(kept) - 1:]  # one more character does not fit
+    assert len(tokenizer(f"Article: {more}\nIs it great?")["input_ids"]) > 39
+    batch = encoder.training_batch([long, short])
+    assert batch["input_ids"].shape[1] <= 40 and batch["input_ids"][0, :len(ids)].tolist() == ids
+    assert batch["labels"][0, len(ids)].item() == encoder.piece_ids(" great")[0]  # the answer is whole
+    report = encoder.truncation([long, short, long])
+    assert report == {"examples": 3, "cut": 2, "tokens_cut_mean": encoder.prompt_length(long) - len(ids),
+                      "tokens_cut_max": encoder.prompt_length(long) - len(ids)}
+
+
+def test_truncation_of_registry_tasks_keeps_the_other_fields(tokenizer) -> None:
+    row = dict(FIXTURES["rte"][0], premise=" ".join([PASSAGE] * 5))
+    example = tasks.get_task("rte").render(row)
+    question = "\nDoes this mean that \"The tower is in Rome.\" is true? Yes or No?\n"
+    encoder = tasks.PromptEncoder(tokenizer, max_length=60)
+    prompt = tokenizer.decode(encoder.prompt_ids(example, 1))
+    assert prompt.endswith(question) and row["premise"].startswith(prompt.removesuffix(question))
+    with pytest.raises(tasks.TaskError, match="a prompt without its text still takes"):
+        tasks.PromptEncoder(tokenizer, max_length=12).truncation([example])
+    with pytest.raises(tasks.TaskError, match="truncate='middle'"):
+        tasks.PromptEncoder(tokenizer, max_length=12, truncate="middle")
+
+
+def test_long_responses_are_cut_after_a_whole_prompt(tokenizer) -> None:
+    task = tasks.TextTask(prompt_column="prompt", name="instruction")
+    example = task.render({"prompt": "Name the tower.", "text": PASSAGE * 3})
+    encoder = tasks.PromptEncoder(tokenizer, max_length=24)
     batch = encoder.training_batch([example])
-    full = tokenizer(example.prompt)["input_ids"]
-    assert batch["input_ids"].shape == (1, 12)
-    assert batch["input_ids"][0, :11].tolist() == full[-11:] and tokenizer.decode(full[-11:]).endswith("No?\n")
+    prompt = tokenizer("Name the tower.\n")["input_ids"]
+    assert batch["input_ids"].shape == (1, 24) and batch["input_ids"][0, :len(prompt)].tolist() == prompt
+    assert batch["labels"][0, len(prompt):].tolist() == encoder.piece_ids(example.target)[:24 - len(prompt)]
+    assert encoder.truncation([example])["cut"] == 1
 
 
 def test_lm_and_instruction_data(tokenizer, model) -> None:
@@ -238,15 +276,17 @@ def test_parquet_and_column_errors(tmp_path: Path) -> None:
     path = tmp_path / "reviews.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
     assert tasks.read_records(path) == rows
-    task = tasks.ColumnTask({"1": "bad", "5": "good"}, text_column="review", label_column="stars")
-    assert tasks.make_examples(tasks.read_records(path), task) == [
-        Example("Review: fine film\nSentiment:", (" bad", " good"), 1), Example("Review: dull\nSentiment:", (" bad", " good"), 0)]
+    task = tasks.ColumnTask({"1": "bad", "5": "good"}, text_column="review", label_column="stars",
+                            drop_unknown_labels=True)
+    assert [(e.prompt, e.candidates, e.label) for e in tasks.make_examples(tasks.read_records(path), task)] == [
+        ("Review: fine film\nSentiment:", (" bad", " good"), 1), ("Review: dull\nSentiment:", (" bad", " good"), 0)]
     with pytest.raises(tasks.TaskError, match=r"the text column 'text' is not in the data; its columns are \['review', 'stars'\]"):
         tasks.make_examples(rows, tasks.ColumnTask({"1": "bad", "5": "good"}, label_column="stars"))
     with pytest.raises(tasks.TaskError, match="task 'rte' needs the column 'premise'"):
         tasks.make_examples([{"text": "a", "label": 0}], tasks.get_task("rte"))
     with pytest.raises(tasks.TaskError, match="no usable rows"):
-        tasks.make_examples(rows, tasks.ColumnTask({"x": "a", "y": "b"}, text_column="review", label_column="stars"))
+        tasks.make_examples(rows, tasks.ColumnTask({"x": "a", "y": "b"}, text_column="review", label_column="stars",
+                                                   drop_unknown_labels=True))
     (tmp_path / "broken.parquet").write_text("not parquet")
     with pytest.raises(tasks.TaskError, match="cannot parse it as parquet"):
         tasks.read_records(tmp_path / "broken.parquet")
@@ -255,9 +295,35 @@ def test_parquet_and_column_errors(tmp_path: Path) -> None:
         tasks.read_records(tmp_path / "x.txt")
 
 
+def test_unknown_label_values_are_an_error_naming_them(caplog) -> None:
+    rows = [{"text": f"t{i}", "label": label} for i, label in enumerate(["positive", "negative", "neutral"] * 4)]
+    typo = tasks.ColumnTask({"Positive": "positive", "negative": "negative", "neutral": "neutral"})
+    with pytest.raises(tasks.TaskError) as error:
+        tasks.make_examples(rows, typo)
+    message = str(error.value)
+    assert "'positive' (4 rows)" in message and "Positive=positive negative=negative neutral=neutral" in message
+    assert "'Positive' matches no row" in message and "--drop-unknown-labels" in message
+    dropping = tasks.ColumnTask(dict(typo.label_words), drop_unknown_labels=True)
+    with caplog.at_level("WARNING"):
+        examples = tasks.make_examples(rows, dropping)
+    assert len(examples) == 8 and {e.label for e in examples} == {1, 2}
+    assert "leaving out 4 rows whose label has no label word: 'positive' (4 rows)" in caplog.text
+    assert "label words 'Positive' match no row" in caplog.text
+
+
+def test_a_short_split_warns(caplog) -> None:
+    examples = [Example(f"text {i}", (" a", " b"), i % 2) for i in range(10)]
+    with caplog.at_level("WARNING"):
+        train, _ = tasks.split_examples(examples, eval_size=4, train_size=100, seed=0)
+    assert len(train) == 6 and "only 6 of the 10 examples are left for training" in caplog.text
+    assert caplog.records[-1].levelname == "WARNING"
+
+
 def test_column_task_validation() -> None:
     with pytest.raises(tasks.TaskError, match="placeholder"):
         tasks.ColumnTask({"a": "x", "b": "y"}, template="no slot")
+    with pytest.raises(tasks.TaskError, match="exactly one"):
+        tasks.ColumnTask({"a": "x", "b": "y"}, template="{text} and {text}")
     with pytest.raises(tasks.TaskError, match="at least two classes"):
         tasks.ColumnTask({"a": "x"})
     with pytest.raises(tasks.TaskError, match="distinct"):

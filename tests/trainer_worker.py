@@ -1,7 +1,10 @@
 """A tiny ZOTrainer job shared by the trainer tests, and the subprocess entry points they launch.
 
     python tests/trainer_worker.py hang OUTPUT_DIR MAX_STEPS SAVE_STEPS HANG_AT   # trains, then hangs at step HANG_AT
-    torchrun --nproc_per_node 2 tests/trainer_worker.py dp OUTPUT_FILE STEPS BATCH  # data parallel; rank 0 saves
+    torchrun --nproc_per_node 2 tests/trainer_worker.py dp FLOW OUTPUT_FILE STEPS BATCH  # data parallel; rank 0 saves
+
+FLOW is how the engine is made: ``zo_config`` (the trainer builds it) or ``zo_init`` (ZO2's flow: the model
+is built under ``zo_hf_init`` and ``model.zo_init(cfg)`` builds it before the trainer exists).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from transformers import TrainerCallback, TrainingArguments, default_data_collat
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import VOCAB, make_model  # noqa: E402
 
-from zo2 import ZOConfig, ZOTrainer  # noqa: E402
+from zo2 import ZOConfig, ZOTrainer, zo_hf_init  # noqa: E402
 
 
 def dataset(size: int = 16, length: int = 8, seed: int = 0) -> list[dict]:
@@ -41,10 +44,19 @@ def training_args(output_dir: str | Path, **overrides) -> TrainingArguments:
 
 
 def build_trainer(output_dir: str | Path, *, arch: str = "llama", data_size: int = 16, callbacks=(),
-                  zo_config: dict | None = None, **overrides) -> ZOTrainer:
-    """A ZOTrainer on a tiny model; everything is a pure function of the arguments."""
+                  zo_config: dict | None = None, zo_init: bool = False, dtype: torch.dtype = torch.float32,
+                  **overrides) -> ZOTrainer:
+    """A ZOTrainer on a tiny model; everything is a pure function of the arguments. ``zo_init``: ZO2's
+    flow (``with zo_hf_init(cfg): model = ...; model.zo_init(cfg)``, then the trainer without zo_config)."""
     config = ZOConfig(**{"working_device": "cpu", "eps": 1e-3, "seed": 5, **(zo_config or {})})
-    return ZOTrainer(make_model(arch), args=training_args(output_dir, **overrides), zo_config=config,
+    if zo_init:
+        with zo_hf_init(config):
+            model = make_model(arch, dtype=dtype)
+            model.zo_init(config)
+        config = None
+    else:
+        model = make_model(arch, dtype=dtype)
+    return ZOTrainer(model, args=training_args(output_dir, **overrides), zo_config=config,
                      train_dataset=dataset(data_size), eval_dataset=dataset(8, seed=1),
                      data_collator=default_data_collator, callbacks=list(callbacks))
 
@@ -60,6 +72,12 @@ def train_losses(trainer: ZOTrainer) -> dict[int, tuple]:
     """step -> (loss, projected_grad, learning_rate) from the trainer's log history."""
     return {log["step"]: (log["loss"], log["projected_grad"], log["learning_rate"])
             for log in trainer.state.log_history if "loss" in log}
+
+
+def run_summary(trainer: ZOTrainer) -> dict:
+    """What two runs that should agree are compared on: logged losses, seeds, final weights."""
+    return {"losses": train_losses(trainer), "seeds": [u.seed for u in trainer.zo_engine.history],
+            "weights": weights(trainer)}
 
 
 class _HangAt(TrainerCallback):
@@ -82,14 +100,15 @@ def _hang(output_dir: str, max_steps: str, save_steps: str, hang_at: str) -> Non
     trainer.train()
 
 
-def _data_parallel(output_file: str, steps: str, batch: str) -> None:
+def _data_parallel(flow: str, output_file: str, steps: str, batch: str) -> None:
     import torch.distributed as dist
 
     trainer = build_trainer(Path(output_file).parent / "dp", data_size=2 * int(batch), max_steps=int(steps),
+                            zo_init={"zo_config": False, "zo_init": True}[flow], dtype=torch.float64,
                             per_device_train_batch_size=int(batch), lr_scheduler_type="constant", warmup_steps=0)
     trainer.train()
     if dist.get_rank() == 0:
-        torch.save({"weights": weights(trainer), "losses": train_losses(trainer)}, output_file)
+        torch.save(run_summary(trainer), output_file)
 
 
 if __name__ == "__main__":

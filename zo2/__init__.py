@@ -1,23 +1,26 @@
-"""zo2: zeroth-order (MeZO) full-parameter fine-tuning with block offloading, for any HF decoder model.
+"""zo2: zeroth-order (MeZO and successors) fine-tuning with block offloading, for any HF decoder model.
 
 Native API::
 
-    engine = zo2.ZOEngine(model, zo2.ZOConfig(lr=1e-6, eps=1e-3, working_device="cuda"))
+    engine = zo2.ZOEngine(model, zo2.ZOConfig(method="mezo-sgd", lr=1e-6, eps=1e-3, working_device="cuda"))
     result = engine.step({"input_ids": ids, "labels": ids})   # StepResult(loss, projected_grad, ...)
     engine.flush(); output = engine.forward(input_ids=ids)
 
 ZO2-compatible API: ``zo_hf_init``, ``model.zo_init(cfg)``, ``model.zo_train()``, ``model.zo_eval()``.
+Methods: :data:`METHODS` (:mod:`zo2.methods`); objectives: :mod:`zo2.objectives`.
 """
 from .config import ZOConfig, ZOConfigError
 from .dual import DualForwardError
 from .engine import Role, StepResult, ZOEngine, replay
 from .hf import attach_zo_methods, zo_hf_init
+from .history import Update, UpdateLog
+from .methods import METHODS
 from .models import UnsupportedModelError, find_partition
-from .history import Update
+from .objectives import Objective, candidate_cross_entropy, objective
 
-__all__ = ["ZOConfig", "ZOConfigError", "ZOEngine", "Role", "StepResult", "Update", "replay", "zo_hf_init",
-           "attach_zo_methods", "find_partition", "UnsupportedModelError", "DualForwardError",
-           "ZOTrainer", "ZOSFTTrainer"]
+__all__ = ["ZOConfig", "ZOConfigError", "ZOEngine", "Role", "StepResult", "Update", "UpdateLog", "replay",
+           "zo_hf_init", "attach_zo_methods", "find_partition", "UnsupportedModelError", "DualForwardError",
+           "METHODS", "Objective", "objective", "candidate_cross_entropy", "ZOTrainer", "ZOSFTTrainer"]
 __version__ = "0.1.0"
 
 

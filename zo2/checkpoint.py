@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from . import noise
+from . import adapters, noise
 from .config import ZOConfig
 from .engine import ZOEngine, replay
 from .history import HistoryError, UpdateLog
@@ -78,6 +78,12 @@ class Checkpoint:
             tensors.update(load_file(file))
         if not tensors:
             raise CheckpointError(f"{self.path}: no *.safetensors weights")
+        if adapters.is_peft_model(engine.model):  # the checkpoint holds the adapter only (peft's layout)
+            missing = adapters.load_weights(engine.model, tensors)
+            if missing:
+                raise CheckpointError(f"{self.path}: the adapter does not match the model (missing {missing[:5]})")
+            engine.load_state_dict(self.state, weights_updated=True)
+            return
         result = engine.model.load_state_dict(tensors, strict=False)
         params = dict(engine.model.named_parameters(remove_duplicate=False))
         loaded = {id(params[name]) for name in tensors if name in params}  # a tied weight is saved once
@@ -200,7 +206,7 @@ def read_seed_log(path: str | Path) -> dict[str, Any]:
     try:
         history = UpdateLog.from_json(log, generator=noise.GENERATOR_VERSION)
     except HistoryError as err:
-        raise CheckpointError(f"{path}: {err}") from None
+        raise CheckpointError(f"{path} {err}") from None
     return {**log, "updates": history.updates(), "updates_per_step": history.updates_per_step}
 
 
@@ -293,7 +299,7 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
     state = dict(data["engine"])
     if "log" not in state and "history" not in state:  # the update log is stored once, in the seed log
         log = read_seed_log(directory / SEED_LOG_NAME)
-        state["log"] = {"updates_per_step": log["updates_per_step"], "generator": log.get("generator", 0),
+        state["log"] = {"updates_per_step": log["updates_per_step"], "generator_version": log["generator_version"],
                         "updates": [u.to_json() for u in log["updates"]]}
     return Checkpoint(directory, state, data.get("extra") or {})
 

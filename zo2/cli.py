@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,9 +25,11 @@ from typing import Any, Sequence
 import torch
 from transformers.utils import logging as hf_logging
 
-from . import __version__, finetune, tasks
+from . import __version__, adapters, finetune, tasks
 from .checkpoint import CheckpointError, add_replay_command
 from .config import NOISE_KINDS, STORAGE_DTYPES, ZOConfigError
+from .methods import METHODS
+from .schedules import SCHEDULES
 from .dual import DualForwardError
 from .finetune import EMBEDDED_MODEL
 from .models import UnsupportedModelError
@@ -38,6 +41,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DEFAULT_TEMPLATE = "Review: {text}\nSentiment:"
 _NOT_IN_CONFIG = {"help", "config", "version"}
+INTERRUPTED = 130
+"""Exit code after Ctrl-C (128 + SIGINT, as shells report it)."""
 
 
 class ConfigFileError(ValueError):
@@ -82,9 +87,23 @@ def _label_word(text: str) -> tuple[str, str]:
 
 def _template(text: str) -> str:
     template = text.replace("\\n", "\n").replace("\\t", "\t")
-    if "{text}" not in template:
-        raise argparse.ArgumentTypeError(f"needs a {{text}} placeholder, got {text!r}")
+    if template.count("{text}") != 1:
+        raise argparse.ArgumentTypeError(f"needs exactly one {{text}} placeholder, got {text!r}")
     return template
+
+
+def _option(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. sparsity=0.8), got {text!r}")
+    try:
+        value: Any = int(raw)
+    except ValueError:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = raw
+    return key.replace("-", "_"), value
 
 
 def _task(text: str) -> str:
@@ -115,12 +134,18 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--prompt-column", metavar="NAME", help="instruction data: column holding the prompt")
     data.add_argument("--label-words", metavar="LABEL=WORD", nargs="+", type=_label_word,
                       help="one per class: the word scored after the prompt (preceded by a space) for each label "
-                      "value; rows with other labels are dropped (default: each label value is its own word; "
-                      "rotten=negative fresh=positive for the embedded data)")
+                      "value, matched exactly; a label value without a word is an error (default: each label value "
+                      "is its own word; rotten=negative fresh=positive for the embedded data)")
+    data.add_argument("--drop-unknown-labels", action="store_true", help="leave out rows whose label value has no "
+                      "label word (with a warning) instead of stopping with an error")
     data.add_argument("--template", type=_template, default=DEFAULT_TEMPLATE, help="text-classification prompt "
-                      "with a {text} placeholder; \\n and \\t stand for newline and tab (default: %(default)r)")
+                      "with one {text} placeholder; \\n and \\t stand for newline and tab (default: %(default)r)")
     data.add_argument("--max-length", type=_positive_int, default=64, help="tokens per example, prompt + "
-                      "continuation; longer prompts are cut from the left (default: %(default)s)")
+                      "continuation; a longer example loses part of its text field only (the template and the "
+                      "answer stay whole), see --truncate (default: %(default)s)")
+    data.add_argument("--truncate", choices=tasks.TRUNCATION_SIDES, default="right", help="which end of a too-long "
+                      "text field is cut: right keeps its beginning (headlines, first paragraphs), left keeps its "
+                      "end (default: %(default)s)")
     data.add_argument("--train-examples", type=_positive_int, default=1000, help="training pool size (seeded "
                       "subset; class-balanced when split from one file) (default: %(default)s)")
     data.add_argument("--eval-examples", type=_positive_int, default=300, help="held-out examples evaluated "
@@ -135,10 +160,37 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--batch-size", type=_positive_int, default=16, help="examples per step (default: %(default)s)")
     train.add_argument("--lr", type=_positive_float, default=1e-6, help="learning rate (default: %(default)s)")
     train.add_argument("--eps", type=_positive_float, default=1e-3, help="perturbation scale (default: %(default)s)")
-    train.add_argument("--noise", choices=NOISE_KINDS, default="gaussian", help="distribution of the perturbation "
-                       "direction (default: %(default)s)")
-    train.add_argument("--num-directions", type=_positive_int, default=1, help="perturbation directions per step, "
-                       "each with lr / q (default: %(default)s)")
+    train.add_argument("--method", choices=list(METHODS), default="mezo-sgd", help="zeroth-order method "
+                       "(README, Methods): mezo-sgd, fzoo (N one-sided perturbations, normalised step), sparse-mezo, "
+                       "adamezo (Adam-style moments from the update log), meazo (scalar adaptive step) "
+                       "(default: %(default)s)")
+    train.add_argument("--method-options", metavar="KEY=VALUE", nargs="+", type=_option,
+                       help="an option of --method (e.g. sparsity=0.8 for sparse-mezo, horizon=5 for adamezo)")
+    train.add_argument("--objective", choices=("auto", "classification", "lm"), default="auto", help="what "
+                       "classification tasks minimise: classification (cross-entropy over the task's label words "
+                       "only, at the answer: MeZO's train-as-classification) or lm (cross-entropy of the correct "
+                       "label word over the whole vocabulary); auto: classification where every example has the "
+                       "same number of candidates; other tasks always train their LM loss (default: %(default)s)")
+    train.add_argument("--noise", choices=NOISE_KINDS, default=None, help="distribution of the perturbation "
+                       "direction (default: the method's: gaussian, rademacher for fzoo)")
+    train.add_argument("--num-directions", type=_positive_int, default=None, help="perturbation directions per "
+                       "step: q-SPSA's q (each with lr / q), fzoo's N (default: the method's: 1, 8 for fzoo)")
+    train.add_argument("--max-parts-per-walk", type=_positive_int, default=None, help="cap on the perturbed "
+                       "evaluations computed in one forward walk (activations grow with it; default: all of a step)")
+    train.add_argument("--lr-scheduler", choices=SCHEDULES, default="constant", help="learning-rate schedule "
+                       "over --steps (default: %(default)s)")
+    train.add_argument("--eps-scheduler", choices=SCHEDULES, default="constant", help="schedule of --eps over "
+                       "--steps, down to a tenth (default: %(default)s)")
+    train.add_argument("--warmup-steps", type=_non_negative_int, default=0, help="steps of linear lr warm-up "
+                       "(default: %(default)s)")
+    train.add_argument("--peft", choices=("none", *adapters.KINDS), default="none", help="train a fresh "
+                       "adapter instead of all weights: lora or ia3 (pip install 'zo2[peft]'); checkpoints and "
+                       "best/ then hold the adapter (default: %(default)s)")
+    train.add_argument("--lora-rank", type=_positive_int, default=8, help="--peft lora: rank (default: %(default)s)")
+    train.add_argument("--lora-alpha", type=_positive_float, default=16.0, help="--peft lora: scale alpha "
+                       "(the update is alpha / rank x BA) (default: %(default)s)")
+    train.add_argument("--peft-targets", nargs="+", metavar="MODULE", help="--peft: names of the modules that get "
+                       "an adapter (default: peft's choice for the architecture, e.g. q_proj v_proj)")
     train.add_argument("--weight-decay", type=_non_negative_float, default=0.0, help="decoupled weight decay on "
                        "matrices (default: %(default)s)")
     train.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the split, the batches and the "
@@ -147,8 +199,12 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
                        "evaluates only before and after training (default: %(default)s)")
     train.add_argument("--eval-batch-size", type=_positive_int, default=32, help="examples per evaluation "
                        "forward (default: %(default)s)")
-    train.add_argument("--max-seconds", type=_non_negative_float, default=0.0, help="stop training after this "
-                       "much training time (a wall-clock budget; 0: no limit) (default: %(default)s)")
+    train.add_argument("--max-seconds", type=_non_negative_float, default=0.0, help="stop training once the run "
+                       "has trained this long, counting every invocation (a resumed run has spent what it trained "
+                       "before); training time excludes evaluation and saving; 0: no limit (default: %(default)s)")
+    train.add_argument("--max-run-seconds", type=_non_negative_float, default=0.0, help="stop training after this "
+                       "much training time in this invocation (a budget per --resume); 0: no limit "
+                       "(default: %(default)s)")
     train.add_argument("--first-order", action="store_true", help="baseline: train with backpropagation and "
                        "--fo-optimizer instead of MeZO (same prompts, loss and evaluation; no offloading)")
     train.add_argument("--fo-optimizer", choices=("adamw", "sgd"), default="adamw", help="optimizer of "
@@ -170,13 +226,15 @@ def _add_placement_and_output_arguments(parser: argparse.ArgumentParser) -> None
                            "during ZO training (default: the loaded model's)")
     output = parser.add_argument_group("output")
     output.add_argument("--output-dir", metavar="DIR", help="write summary.json, loss_curve.png, checkpoints/ "
-                        "(latest) and best/ (best eval metric) here")
+                        "(latest), best/ (best eval metric, once a step beats the start) and, for --first-order, "
+                        "final/ here")
     output.add_argument("--save-every", type=_non_negative_int, default=0, help="also save a checkpoint every N "
                         "steps (for --resume); the last step is always saved (default: %(default)s)")
     output.add_argument("--save-total-limit", type=_positive_int, default=1, help="checkpoints kept in "
                         "checkpoints/, newest first (default: %(default)s)")
     output.add_argument("--save-best", action=argparse.BooleanOptionalAction, default=True,
-                        help="keep the checkpoint with the best eval metric in best/ (default: on)")
+                        help="keep the weights of the best eval in best/ when a step beats the start, as hard links "
+                        "to its checkpoint (default: on)")
     output.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in "
                         "--output-dir/checkpoints (exactly: same batches and seeds as an uninterrupted run)")
     output.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -273,6 +331,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``zo2`` and ``python -m zo2``; ``finetune`` is the default command. Returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("zo2").setLevel(args.log_level)
@@ -284,6 +343,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(_fail(name, 2, f"error: {err}"))
     except (FloatingPointError, DualForwardError) as err:
         raise SystemExit(_fail(name, 1, f"training failed: {err}"))
+    except finetune.RunInterrupted as stop:
+        raise SystemExit(_fail(name, INTERRUPTED, stop.describe(shlex.join(["zo2", *argv]))))
+    except KeyboardInterrupt:
+        raise SystemExit(_fail(name, INTERRUPTED, "interrupted"))
     if isinstance(result, dict):  # finetune's summary
         print(format_summary(result))
         return 0

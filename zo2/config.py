@@ -117,6 +117,15 @@ class ZOConfig:
     storage_dtype: str | None = None
     """dtype of the master weights (``"float32"``, ``"bfloat16"``, ``"float16"``, ``"float64"``); ``None``
     keeps the model's dtype. bf16/fp16 masters receive updates with stochastic rounding."""
+    frozen_dtype: str | None = None
+    """dtype of the masters of frozen parameters (``requires_grad=False``: never perturbed nor updated, so
+    they can be stored in a lower precision than trainable ones, e.g. ``"bfloat16"`` base weights under
+    float32 adapters); ``None``: as ``storage_dtype``."""
+    offload_trainable: bool | None = None
+    """Where the trainable parameters of an offloaded block that also holds frozen ones live. ``None``
+    (auto): resident on the working device (adapters are small), so only frozen weights stream, up only,
+    and nothing is written back; ``True``: they stream with the block (and are written back); ``False``:
+    resident (as auto)."""
     num_slots: int = 2
     """Reusable working-device buffers for offloaded blocks, each as large as the largest block:
     ``num_slots - 1`` blocks are uploaded ahead of the one being computed (>= 1)."""
@@ -173,12 +182,15 @@ class ZOConfig:
     memory; each uploads 1/N of a block and the slices are all-gathered on the devices."""
     distributed_timeout: float = 600.0
     """Distributed: seconds after which a collective waiting for a dead or hung rank raises (> 0)."""
-    kernels: Literal["auto", "torch", "triton"] = field(default_factory=kernels.default_backend)
+    kernels: Literal["auto", "cpu", "torch", "triton"] = field(default_factory=kernels.default_backend)
     """Backend of the update and perturbation passes (:mod:`zo2.kernels`). ``"auto"``: the fused Triton
-    kernel for CUDA buffers, plain torch otherwise; ``"torch"``: always plain torch (the reference);
-    ``"triton"``: always Triton (CPU tensors only under ``TRITON_INTERPRET=1``). The default is the
-    environment variable ``ZO2_KERNELS`` when set, else ``"auto"``; the choice is recorded in the
-    config, so a seed log says what produced its bits."""
+    kernel for CUDA buffers, the fused C++ kernel for CPU buffers (built on first use with the system's
+    C++ compiler; without one, logged once, plain torch), plain torch otherwise; ``"cpu"``: always the
+    fused C++ kernel (an error if it cannot be built); ``"torch"``: always plain eager torch (the
+    reference); ``"triton"``: always Triton (CPU tensors only under ``TRITON_INTERPRET=1``). The CPU
+    kernel and the torch path give the same bits. The default is the environment variable
+    ``ZO2_KERNELS`` when set, else ``"auto"``; the choice is recorded in the config, so a seed log says
+    what produced its bits."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -245,11 +257,16 @@ class ZOConfig:
             if isinstance(self.offloading_blocks, (str, bytes)) or not all(
                     isinstance(i, int) and not isinstance(i, bool) for i in self.offloading_blocks):
                 raise _bad("offloading_blocks", self.offloading_blocks, "None or a list of block indices")
-        if self.storage_dtype is not None:
-            self.storage_dtype = _DTYPE_ALIASES.get(str(self.storage_dtype).replace("torch.", ""),
-                                                    str(self.storage_dtype).replace("torch.", ""))
-            if self.storage_dtype not in STORAGE_DTYPES:
-                raise _bad("storage_dtype", self.storage_dtype, f"None or one of {list(STORAGE_DTYPES)}")
+        for name in ("storage_dtype", "frozen_dtype"):
+            value = getattr(self, name)
+            if value is not None:
+                value = str(value).replace("torch.", "")
+                value = _DTYPE_ALIASES.get(value, value)
+                setattr(self, name, value)
+                if value not in STORAGE_DTYPES:
+                    raise _bad(name, value, f"None or one of {list(STORAGE_DTYPES)}")
+        if self.offload_trainable not in (None, True, False):
+            raise _bad("offload_trainable", self.offload_trainable, "None, True or False")
 
     def _validate_disk(self) -> None:
         if self.offload_io not in OFFLOAD_IO:
@@ -333,6 +350,11 @@ class ZOConfig:
     def torch_storage_dtype(self) -> torch.dtype | None:
         """``storage_dtype`` as a torch.dtype (None keeps the model's)."""
         return None if self.storage_dtype is None else STORAGE_DTYPES[self.storage_dtype]
+
+    @property
+    def torch_frozen_dtype(self) -> torch.dtype | None:
+        """The dtype of frozen parameters' masters (``frozen_dtype``, else ``storage_dtype``)."""
+        return STORAGE_DTYPES[self.frozen_dtype] if self.frozen_dtype is not None else self.torch_storage_dtype
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict of the fields (for checkpoints and logs)."""

@@ -368,15 +368,16 @@ class DiskStore:
         return typed(buffer, stored.dtype, stored.numel).clone()
 
     def build_unit(self, index: int, name: str, params: list[nn.Parameter], *, dtype: torch.dtype | None,
-                   fill: Callable[[nn.Parameter, torch.Tensor], None] | None, staging: torch.Tensor) -> Unit:
+                   fill: Callable[[nn.Parameter, torch.Tensor], None] | None, staging: torch.Tensor,
+                   trainable: bool = True) -> Unit:
         """Build a disk unit: its master is assembled in ``staging`` (aligned, large enough) and written to
         its file, unless a resumed store already holds it; the parameters then point at a placeholder."""
         stored = self.buffers[(index, MASTER)]
         if (index, MASTER) in self._applied:  # resumed: the file holds the weights already
             return build_unit(index, name, params, device=torch.device("cpu"), dtype=dtype, pin=False,
-                              offloaded=True, allocate=placeholder, fill=_keep)
+                              offloaded=True, trainable=trainable, allocate=placeholder, fill=_keep)
         unit = build_unit(index, name, params, device=torch.device("cpu"), dtype=dtype, pin=False, offloaded=True,
-                          allocate=lambda numel, dt: typed(staging, dt, numel), fill=fill)
+                          trainable=trainable, allocate=lambda numel, dt: typed(staging, dt, numel), fill=fill)
         self.write(index, staging, applied=self.base_steps)
         unit.master = placeholder(stored.numel, stored.dtype)
         unit.point_params_at(unit.master)
@@ -397,14 +398,13 @@ def run_description(config: "ZOConfig") -> dict[str, Any]:
             "working_device": torch.device(config.working_device).type, "generator": noise.GENERATOR_VERSION}
 
 
-def open_store(config: "ZOConfig", named: Sequence[tuple[str, list[nn.Parameter]]], where: Sequence[str], *,
-               resume: bool = False, base: UpdateLog | None = None) -> DiskStore | None:
-    """The store of the units placed on ``"disk"`` (``named``: each unit's name and parameters in unit
-    order), or None when no unit is. ``resume``: keep a matching folder's files and journal; ``base``:
-    the updates the weights being placed already hold."""
-    dtype = config.torch_storage_dtype
+def open_store(config: "ZOConfig", named: Sequence[tuple[str, list[nn.Parameter], torch.dtype | None]],
+               where: Sequence[str], *, resume: bool = False, base: UpdateLog | None = None) -> DiskStore | None:
+    """The store of the units placed on ``"disk"`` (``named``: each unit's name, parameters and master
+    dtype (None: the parameters') in unit order), or None when no unit is. ``resume``: keep a matching
+    folder's files and journal; ``base``: the updates the weights being placed already hold."""
     buffers = [StoredBuffer(index, MASTER, name, dtype or params[0].dtype, sum(p.numel() for p in params))
-               for index, ((name, params), w) in enumerate(zip(named, where)) if w == "disk"]
+               for index, ((name, params, dtype), w) in enumerate(zip(named, where)) if w == "disk"]
     if not buffers:
         return None
     direct = {"auto": None, "direct": True, "buffered": False}[config.offload_io]

@@ -16,7 +16,6 @@ parallelism need from the engine. Placement is :mod:`zo2.placement`, perturbatio
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
 from dataclasses import dataclass
@@ -25,12 +24,13 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from . import dual, losses, noise
+from . import dual, kernels, losses, noise, objectives
 from .config import ZOConfig
 from .history import HistoryError, Update, UpdateLog
 from .kernels import apply_updates, update_and_perturb
 from .methods import Part, method_class
-from .models import UnsupportedModelError, find_partition
+from .models import UnsupportedModelError, find_partition, no_cache_kwargs
+from .objectives import Objective
 from .placement import WeightSource, place
 from .scheduler import TransferScheduler
 from .staging import DiskTransferScheduler
@@ -111,14 +111,22 @@ class ZOEngine:
     accumulation); ``forward(**batch)`` runs the model normally with the current weights; ``flush()``
     applies pending updates; ``detach()`` hands back a plain model; ``state_dict()`` is what a
     checkpoint needs; ``log`` is the update history.
+
+    ``objective``: what steps minimise (:mod:`zo2.objectives`; default: the model's task loss), e.g. a
+    metric or a reward; ``step(batch, objective=...)`` overrides it for one step. ``probe_inputs``: a tiny
+    batch of keyword arguments for the probe forward that finds the units (needed for models that are not
+    transformers models).
     """
 
     def __init__(self, model: nn.Module, config: ZOConfig, *,
                  lr_schedule: Callable[[int], float] | None = None, role: Role | None = None,
+                 objective: Objective | Callable | None = None, probe_inputs: Mapping[str, Any] | None = None,
                  weights: WeightSource | None = None) -> None:
         config.validate()
         self.model, self.config = model, config
         self.role = role or Role()
+        self.objective = objectives.as_objective(objective)
+        """The default objective of steps (``None``: the model's task loss)."""
         self.device = torch.device(config.working_device)
         self.lr_schedule = lr_schedule
         """Optional ``step -> lr``; ``None`` uses ``config.lr`` under ``config.lr_scheduler``."""
@@ -129,11 +137,11 @@ class ZOEngine:
         self._check_role()
         self._stats: torch.Tensor | None = None  # [parts, 2] sums of the micro-batches of the current step
         self._forward = model.forward
-        self._use_cache_kw = self._accepts(self._forward, "use_cache")
+        self._no_cache = no_cache_kwargs(model)
         self._specs: dict[tuple, dict[str, dual.MemberSpec]] = {}
         self._walk: Walk | None = None
         self._calibration: dual.Calibration | None = None
-        partition = find_partition(model)
+        partition = find_partition(model, dict(probe_inputs) if probe_inputs is not None else None)
         if config.perturbation_scope == "module" and not partition.matrices_read_by_owner:
             raise UnsupportedModelError(
                 f"{type(model).__name__} reads a weight matrix outside the module that owns it, so "
@@ -150,7 +158,7 @@ class ZOEngine:
         readers = {unit.index: sum(unit in entry.units for entry in self._wrapped) for unit in self.units}
         self._ctx = WalkContext(self.method, self.log, strategy, self._scheduler, BufferPool(self.device), readers,
                                 config.write_back_every)
-        self.method.prepare(self.units)
+        self.method.prepare(self.trainable_units)
         self._warm_up()
         logger.debug("zo2 units:\n%s", self.describe())
 
@@ -166,18 +174,13 @@ class ZOEngine:
             raise ValueError(f"{self.role} computes only part of each step: it needs Role.all_reduce to combine "
                              "its losses with the processes that compute the rest (see zo2.distributed)")
 
-    @staticmethod
-    def _accepts(fn: Callable, name: str) -> bool:
-        params = inspect.signature(fn).parameters
-        return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
     def _make_scheduler(self) -> TransferScheduler | None:
         offloaded = [u for u in self.units if u.offloaded]
         if not offloaded:
             return None
         if self.store is not None:  # disk-offloaded units stream through staging buffers (zo2.staging)
             return DiskTransferScheduler(offloaded, self.store, self.log, self.config.num_slots, self.device)
-        pool = SlotPool(self.config.num_slots, max(u.numel for u in offloaded), offloaded[0].master.dtype, self.device)
+        pool = SlotPool.for_units(self.config.num_slots, offloaded, self.device)
         return (self.role.make_scheduler or TransferScheduler)(offloaded, pool, self.device)
 
     def _kernel_args(self) -> dict[str, Any]:
@@ -186,14 +189,12 @@ class ZOEngine:
 
     def _warm_up(self) -> None:
         """Run the update and perturbation calls of a step once on a scratch buffer, so that compiling
-        them (``torch.compile`` of the noise generator, Triton's JIT) happens at load time and not in the
-        first step. The buffer is just large enough to take the compiled path where a unit would."""
-        needed = max(noise.compile_threshold(self.config.noise), noise.compile_threshold("uniform"))
-        size = min(max(u.numel for u in self.units), noise.chunk_size(self.device), needed)
+        them (building the fused CPU kernel, Triton's JIT) happens at load time and not in the first step."""
+        size = min(max((u.numel for u in self.trainable_units), default=1), kernels.WARM_UP_NUMEL)
         kwargs = self._kernel_args()
         pending = [Update(seed=0, projected_grad=0.0, lr=0.0)]
         signs = sorted({p.sign for p in self.method.parts(self.seeds(0)) if p.sign}, reverse=True)
-        for dtype in {u.master.dtype for u in self.units}:
+        for dtype in {u.master.dtype for u in self.trainable_units}:
             buffer = torch.zeros(size, dtype=dtype, device=self.device)
             scratch = Unit(index=0, name="warm-up", params=[], master=buffer, offloaded=False, n_decay=size // 2)
             apply_updates(buffer, scratch, pending, **kwargs)  # flush, and module scope's update pass
@@ -219,7 +220,7 @@ class ZOEngine:
 
         For an offloaded unit the buffer is a slot: the caller releases it."""
         buffer = self._scheduler.acquire(unit) if unit.offloaded else unit.master
-        steps = self.log.pending(unit.index)
+        steps = self.log.pending(unit.index) if unit.trainable else range(0)
         if steps:
             self.method.apply(buffer, unit, steps)
             self.log.mark_applied(unit.index)
@@ -273,8 +274,7 @@ class ZOEngine:
                 self._scheduler.reset()
 
     def _call_model(self, inputs: Mapping[str, Any]) -> Any:
-        extra = {"use_cache": False} if self._use_cache_kw else {}
-        return self._forward(**inputs, **extra)
+        return self._forward(**inputs, **self._no_cache)
 
     def _calibrated(self, inputs: dict[str, Any], batch: int) -> dict[str, dual.MemberSpec]:
         key = dual.batch_signature(inputs)
@@ -293,7 +293,15 @@ class ZOEngine:
     def _to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
-    def _walk_stats(self, inputs: dict[str, Any], targets: dict[str, Any], parts: list[Part], eps: float,
+    def _split(self, batch: dict[str, Any], objective: Objective | None) -> tuple[dict[str, Any], Callable]:
+        """(model inputs, per-part terms function) of a batch under ``objective``."""
+        if objective is None:
+            inputs, targets = losses.split_targets(self.model, batch)
+            return inputs, lambda out: objectives.TASK_LOSS(self.model, out, targets)
+        inputs = {k: v for k, v in batch.items() if k not in objective.targets}
+        return inputs, lambda out: objectives.terms(objective(out, batch), f"objective {objective.name!r}")
+
+    def _walk_stats(self, inputs: dict[str, Any], terms_of: Callable, parts: list[Part], eps: float,
                     batch: int) -> torch.Tensor:
         """Run one walk over ``parts``; return each part's (loss sum, count) as a [parts, 2] float64 tensor."""
         count = len(parts)
@@ -308,10 +316,16 @@ class ZOEngine:
             finally:
                 self._walk = None
         outputs = losses.split_output(output, batch, count) if count > 1 else [output]
-        terms = [losses.loss_terms(self.model, out, targets) for out in outputs]
-        return torch.stack(terms).cpu()  # one device sync per walk
+        with torch.no_grad():
+            terms = [terms_of(out).to(torch.float64) for out in outputs]
+        return torch.stack([t.to(terms[0].device) for t in terms]).cpu()  # one device sync per walk
 
     # ------------------------------------------------------------------------------ public API
+    @property
+    def trainable_units(self) -> list[Unit]:
+        """The units holding trainable parameters (the ones perturbed and updated)."""
+        return [u for u in self.units if u.trainable]
+
     @property
     def history(self) -> list[Update]:
         """Every update so far (a copy): with the base weights, the whole training run (``zo2.replay``)."""
@@ -331,12 +345,14 @@ class ZOEngine:
         """The evaluations of ``step`` (default: the current one), in the method's order."""
         return self.method.parts(self.seeds(self.step_count if step is None else step))
 
-    def accumulate(self, batch: Mapping[str, Any]) -> None:
+    def accumulate(self, batch: Mapping[str, Any], objective: Objective | Callable | None = None) -> None:
         """Evaluate this process's parts of the current step on one (micro-)batch.
 
-        ``batch`` is a dict of model inputs plus ``labels`` (or the task's targets). Every micro-batch of
-        a step sees the same weights and seeds; ``commit`` turns their summed losses into the update."""
-        inputs, targets = losses.split_targets(self.model, self._to_device(batch))
+        ``batch`` is a dict of model inputs plus ``labels`` (or the objective's targets). Every micro-batch
+        of a step sees the same weights and seeds; ``commit`` turns their summed losses into the update.
+        ``objective`` overrides the engine's for this batch."""
+        chosen_objective = objectives.as_objective(objective) or self.objective
+        inputs, terms_of = self._split(self._to_device(batch), chosen_objective)
         batch_rows = losses.batch_size(inputs)
         parts = self.parts()
         chosen = [i for i, part in enumerate(parts) if self.role.selects(part)]
@@ -345,7 +361,7 @@ class ZOEngine:
         stats = torch.zeros(len(parts), len(STATS_COLUMNS), dtype=torch.float64)
         for first in range(0, len(chosen), cap):
             group = chosen[first:first + cap]
-            stats[group] = self._walk_stats(inputs, targets, [parts[i] for i in group], eps, batch_rows)
+            stats[group] = self._walk_stats(inputs, terms_of, [parts[i] for i in group], eps, batch_rows)
         self._stats = stats if self._stats is None else self._stats + stats
 
     def _lr(self, step: int, lr: float | None) -> float:
@@ -376,14 +392,15 @@ class ZOEngine:
         return StepResult(decision.loss, decision.loss_minus, decision.projected_grad, lr, seeds[0], step,
                           decision.updates, tuple(part_losses), eps)
 
-    def step(self, batch: Mapping[str, Any] | Sequence[Mapping[str, Any]], lr: float | None = None) -> StepResult:
+    def step(self, batch: Mapping[str, Any] | Sequence[Mapping[str, Any]], lr: float | None = None, *,
+             objective: Objective | Callable | None = None) -> StepResult:
         """One step of ``config.method`` on ``batch``, or on a list of micro-batches (gradient accumulation).
 
         Returns the losses, the projected gradient, the learning rate and the seed. The updates are
-        recorded now and applied to each unit when it is next used (or by ``flush``).
-        """
+        recorded now and applied to each unit when it is next used (or by ``flush``). ``objective``
+        overrides the engine's for this step."""
         for micro_batch in ([batch] if isinstance(batch, Mapping) else batch):
-            self.accumulate(micro_batch)
+            self.accumulate(micro_batch, objective)
         return self.commit(lr)
 
     def state_dict(self, *, include_log: bool = True) -> dict[str, Any]:
@@ -410,12 +427,13 @@ class ZOEngine:
             loaded = UpdateLog.from_json(log, updates_per_step=self.method.updates_per_step,
                                          generator=noise.GENERATOR_VERSION)
         except HistoryError as err:
-            raise ValueError(f"cannot load this training state: {err}") from None
+            raise ValueError(f"the training state {err}") from None
         if loaded.steps != int(state.get("step_count", loaded.steps)):
             raise ValueError(f"the state says {state['step_count']} steps but its log holds {loaded.steps}")
         self.flush()
         self.log.replace(loaded.updates())
-        self.log.set_applied_everywhere([u.index for u in self.units], self.log.steps if weights_updated else 0)
+        self.log.set_applied_everywhere([u.index for u in self.trainable_units],
+                                        self.log.steps if weights_updated else 0)
         self.method.load_state_dict(state.get("method_state", {}))
         self._stats = None
 
@@ -428,14 +446,14 @@ class ZOEngine:
         self.flush()
         args = dual.tree_map(lambda _, t: t.to(self.device), args)
         kwargs = dual.tree_map(lambda _, t: t.to(self.device), kwargs)
-        if self._use_cache_kw:
-            kwargs.setdefault("use_cache", False)
+        for key, value in self._no_cache.items():
+            kwargs.setdefault(key, value)
         with self._forward_context():
             return self._forward(*args, **kwargs)
 
     def flush(self) -> None:
         """Apply every pending update to the masters (before evaluation, saving or export)."""
-        for unit in self.units:
+        for unit in self.trainable_units:
             if self.log.pending(unit.index):
                 self._sync(unit)
                 if unit.offloaded:
@@ -464,9 +482,10 @@ class ZOEngine:
         rows = [f"method: {self.config.method}", f"perturbation scope: {self.scope}",
                 f"{'unit':<14}{'params':>14}  {'dtype':<10}where"]
         for unit in self.units:
-            where = f"{unit.master.device} (offloaded)" if unit.offloaded else f"{unit.master.device} (resident)"
+            where = f"{unit.master.device} ({'offloaded' if unit.offloaded else 'resident'}"
             if self.store is not None and self.store.holds(unit):
                 where = f"disk: {self.store.path(unit.index).name}"
+            where += ")" if unit.trainable else ", frozen)"
             rows.append(f"{unit.name:<14}{unit.numel:>14,}  {str(unit.master.dtype).replace('torch.', ''):<10}{where}")
         return "\n".join(rows)
 

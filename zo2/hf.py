@@ -9,27 +9,58 @@
 Inside ``zo_hf_init`` every transformers model that is built (``from_pretrained``, ``from_config``,
 ``AutoModel...``, or a plain constructor) gets the ``zo_*`` methods; on exit transformers is
 restored exactly as it was, and the models keep their methods.
+
+Under a distributed launcher (``torchrun``, ``accelerate launch``) ``zo_init`` builds this rank's
+data-parallel engine (:func:`engine_for_this_process`), so the same script trains on N processes:
+each steps on its own batches (``ZOTrainer`` shards them) and the engine all-reduces the losses.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import os
 import types
 from typing import Any, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from transformers import PreTrainedModel
 
 from .config import ZOConfig
+from .distributed import role_for
 from .engine import StepResult, ZOEngine
 
 
+def on_this_rank(config: ZOConfig) -> ZOConfig:
+    """``config`` with a bare ``working_device="cuda"`` made this process's GPU once a process group
+    exists: ``cuda:LOCAL_RANK`` (one GPU per process, as torchrun and accelerate assign them; the
+    current device where no launcher set LOCAL_RANK). Unchanged in a single process, or when the
+    config names a device index itself."""
+    if config.working_device != "cuda" or not dist.is_initialized():
+        return config
+    local_rank = os.environ.get("LOCAL_RANK")
+    index = int(local_rank) if local_rank is not None else torch.cuda.current_device()
+    return dataclasses.replace(config, working_device=f"cuda:{index}")
+
+
+def engine_for_this_process(model: nn.Module, config: ZOConfig) -> ZOEngine:
+    """The engine of ``model`` in this process: a single-process engine, or under a launcher (torchrun,
+    accelerate launch) this rank's engine, which joins the process group (or uses the one accelerate or
+    Trainer made), runs on this rank's GPU (:func:`on_this_rank`) and all-reduces every step's losses
+    with the other ranks (:func:`zo2.distributed.role_for`). Collective under a launcher: every rank
+    calls it, with the same config."""
+    role = role_for(config)
+    return ZOEngine(model, on_this_rank(config), role=role)
+
+
 def _zo_init(self: nn.Module, config: ZOConfig) -> ZOEngine:
-    """Move the model into zo2's flat storage under ``config`` and return its engine."""
+    """Move the model into zo2's flat storage under ``config`` and return its engine (under a
+    launcher, this rank's data-parallel engine: see :func:`engine_for_this_process`)."""
     if getattr(self, "zo_engine", None) is not None:
         raise RuntimeError("zo_init was already called on this model")
-    self.zo_engine = ZOEngine(self, config)
+    self.zo_engine = engine_for_this_process(self, config)
     self.zo_training = False
     self.zo_last_step: StepResult | None = None
     self.forward = types.MethodType(_zo_forward, self)

@@ -44,7 +44,7 @@ class UpdateLog:
     A unit's applied position counts the steps its master holds; the steps after it are pending and are
     applied (fused with the next perturbation, or by a flush) the next time the unit is on the device.
     ``generator`` is the version of the noise generator that produced the run's z
-    (:data:`zo2.noise.GENERATOR_VERSION`; 0: unknown, a log older than the field):
+    (:data:`zo2.noise.GENERATOR_VERSION`; a log older than the field was made by version 1):
     a history made by another generator is refused rather than replayed to silently different weights.
     """
 
@@ -122,8 +122,8 @@ class UpdateLog:
 
     # -------------------------------------------------------------------------------- JSON form
     def to_json(self) -> dict[str, Any]:
-        """``{"updates_per_step", "generator", "updates": [[seed, g, lr], ...]}``: the seed log's form."""
-        return {"updates_per_step": self.updates_per_step, "generator": self.generator,
+        """``{"updates_per_step", "generator_version", "updates": [[seed, g, lr], ...]}``: the seed log's form."""
+        return {"updates_per_step": self.updates_per_step, "generator_version": self.generator,
                 "updates": [u.to_json() for u in self._updates]}
 
     @classmethod
@@ -132,21 +132,23 @@ class UpdateLog:
         """Read ``to_json()``'s form (or an older one: ``{"history": [...]}`` / ``{"updates": [...]}``).
 
         ``updates_per_step`` and ``generator``, when given, are what the reader expects: a history that
-        says otherwise raises :class:`HistoryError` (logs older than the generator field are accepted)."""
+        says otherwise raises :class:`HistoryError`, whose message continues a subject naming the source
+        ("<file> " + message). A log without a generator version was made by version 1."""
         raw = data.get("updates", data.get("history"))
         if not isinstance(raw, list):
-            raise HistoryError("no update list (expected an 'updates' list of [seed, g, lr])")
+            raise HistoryError("has no update list (expected an 'updates' list of [seed, g, lr])")
         try:
             updates = [Update.from_json(item) for item in raw]
         except (TypeError, ValueError) as err:
-            raise HistoryError(f"malformed update list ({err})") from None
+            raise HistoryError(f"has a malformed update list ({err})") from None
         saved_per_step = int(data.get("updates_per_step") or updates_per_step or 1)
         if updates_per_step is not None and saved_per_step != updates_per_step:
-            raise HistoryError(f"the history records {saved_per_step} updates per step, this run makes "
+            raise HistoryError(f"records {saved_per_step} updates per step, this run makes "
                                f"{updates_per_step}: it was trained with another method or num_directions")
-        saved_generator = int(data.get("generator") or 0)
-        if generator is not None and saved_generator and saved_generator != generator:
-            raise HistoryError(f"the history was made with noise generator version {saved_generator}, this zo2 "
-                               f"has version {generator}: its z (hence the rebuilt weights) would differ. Replay it with "
-                               "the zo2 version that trained it")
+        saved_generator = int(data.get("generator_version", 1))
+        if generator is not None and saved_generator != generator:
+            raise HistoryError(f"was made with noise generator version {saved_generator}, this zo2 generates z with "
+                               f"version {generator}: its updates would be replayed with other noise, giving other "
+                               "weights. Replay it with the zo2 release that wrote it (or load its saved weights, "
+                               "not its update history)")
         return cls(saved_per_step, updates, generator=generator or saved_generator)

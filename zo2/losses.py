@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from transformers.loss.loss_utils import LOSS_MAPPING
 
+from . import dual
+
 #: float32 logits the causal-LM loss materialises at once (elements): it runs over chunks of positions,
 #: so a 2048-token half with a 50k vocabulary never needs float32 copies of all its logits.
 LOSS_CHUNK = 1 << 24
@@ -66,6 +68,11 @@ def task_of(model: nn.Module) -> str:
     return loss_type
 
 
+def target_keys(model: nn.Module) -> tuple[str, ...]:
+    """The batch keys the task loss of ``model`` reads as targets (``labels``, or QA's positions)."""
+    return _TASKS[task_of(model)][0]
+
+
 def split_targets(model: nn.Module, batch: Mapping[str, Any]) -> tuple[dict, dict]:
     """(model inputs, targets): the task's target keys are taken out of ``batch``."""
     keys, _ = _TASKS[task_of(model)]
@@ -78,20 +85,30 @@ def split_targets(model: nn.Module, batch: Mapping[str, Any]) -> tuple[dict, dic
 
 
 def batch_size(inputs: Mapping[str, Any]) -> int:
-    """The batch size: dim 0 of ``input_ids`` (or ``inputs_embeds``)."""
+    """The batch size: dim 0 of ``input_ids`` (or ``inputs_embeds``; for other models, of the first
+    tensor input)."""
     for key in ("input_ids", "inputs_embeds"):
         if isinstance(inputs.get(key), torch.Tensor):
             return int(inputs[key].shape[0])
-    raise ValueError(f"cannot find the batch size: expected input_ids or inputs_embeds, got {sorted(inputs)}")
+    for value in inputs.values():
+        if isinstance(value, torch.Tensor) and value.dim():
+            return int(value.shape[0])
+    raise ValueError(f"cannot find the batch size: no tensor input with a batch dimension among {sorted(inputs)}")
 
 
-def _rows(output: Any, start: int, stop: int) -> dict:
-    return {k: v[start:stop] if isinstance(v, torch.Tensor) and v.dim() else v for k, v in output.items()}
+def split_output(output: Any, part_batch: int, parts: int) -> list[Any]:
+    """The ``parts`` row blocks of a replicated-batch output (a ModelOutput, tensor or tuple): a tensor
+    whose dim 0 is f x parts x part_batch gives part k its rows [k*f*b, (k+1)*f*b); others pass whole."""
+    total = parts * part_batch
 
-
-def split_output(output: Any, part_batch: int, parts: int) -> list[dict]:
-    """The ``parts`` row blocks of a replicated-batch output: part k is rows [k*b, (k+1)*b)."""
-    return [_rows(output, k * part_batch, (k + 1) * part_batch) for k in range(parts)]
+    def rows(k: int):
+        def cut(_, tensor: torch.Tensor) -> torch.Tensor:
+            if tensor.dim() == 0 or tensor.shape[0] % total:
+                return tensor
+            size = tensor.shape[0] // parts
+            return tensor[k * size:(k + 1) * size]
+        return cut
+    return [dual.tree_map(rows(k), output) for k in range(parts)]
 
 
 def _count(task: str, targets: Mapping[str, torch.Tensor]) -> torch.Tensor:

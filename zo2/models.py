@@ -6,6 +6,7 @@ classified by one hooked forward on a tiny input as running before the first blo
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, field
 
@@ -96,10 +97,23 @@ def _refuse_row_coupling(model: nn.Module) -> None:
 
 
 def _probe_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
-    vocab = int(getattr(model.config, "vocab_size", 8) or 8)
+    config = getattr(model, "config", None)
+    if config is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a transformers model, so zo2 cannot make up an input for the probe "
+            "forward that finds its units: pass probe_inputs={...} (a tiny batch of keyword arguments of its "
+            "forward, e.g. {'idx': torch.zeros(1, 4, dtype=torch.long)}) to ZOEngine")
+    vocab = int(getattr(config, "vocab_size", 8) or 8)
     device = next(model.parameters()).device
     ids = torch.arange(1, 5, device=device).remainder(vocab).unsqueeze(0)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def no_cache_kwargs(model: nn.Module) -> dict[str, bool]:
+    """``{"use_cache": False}`` if the model's forward takes it (a KV cache would mix the parts), else ``{}``."""
+    params = inspect.signature(model.forward).parameters
+    takes = "use_cache" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return {"use_cache": False} if takes else {}
 
 
 def _matrix_owners(model: nn.Module) -> list[tuple[nn.Module, list[nn.Parameter]]]:
@@ -171,14 +185,14 @@ def find_partition(model: nn.Module, probe_inputs: dict | None = None) -> Partit
     try:
         try:
             with _MatricesHiddenOutsideOwners(model):
-                model(**inputs, use_cache=False)
+                model(**inputs, **no_cache_kwargs(model))
         except Exception as error:  # e.g. attention code that reads q_proj.weight itself
             logger.info("%s reads a weight matrix outside the module owning it (%s: %s); zo2 perturbs "
                         "whole units for it", type(model).__name__, type(error).__name__, error)
             matrices_read_by_owner = False
             calls.clear()
             counter[0] = 0
-            model(**inputs, use_cache=False)
+            model(**inputs, **no_cache_kwargs(model))
     finally:
         model.train(was_training)
         for handle in handles:

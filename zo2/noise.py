@@ -5,7 +5,9 @@ GPU kernel can regenerate exactly the integers produced here:
 
 * key  = the 64-bit seed (low word, high word)
 * counter = (j // 4 low word, unit, stream, j // 4 high word); element j takes output j % 4
-* Gaussian: Box-Muller on output pairs (0, 1) and (2, 3), as ``tl.randn4x``
+* Gaussian: Box-Muller on output pairs (0, 1) and (2, 3), as ``tl.randn4x``, with zo2's own float32
+  log and (cos, sin)(2 pi u) made of basic IEEE operations (no libm, no Sleef), so every CPU and the
+  fused CPU kernel (:mod:`zo2.kernels.cpu_fused`) produce the same bits (generator version 2)
 * Rademacher: one 32-bit word gives the signs of 32 elements (counter j // 128, word (j % 128) // 32,
   bit j % 32)
 
@@ -15,23 +17,13 @@ a caller slices a range; ranges are produced in chunks aligned at absolute offse
 """
 from __future__ import annotations
 
-import logging
-import os
-from typing import Callable
-
 import torch
-
-logger = logging.getLogger(__name__)
 
 _M32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
 _ROUNDS = 10
 _INT_TO_UNIT = 4.6566127342e-10  # Triton's scale: largest value with MAX_INT * scale < 1.0 in float32
-
-#: Version of the values this module (and every kernel backend) generates for a (seed, unit, element):
-#: recorded in every update history, which refuses to replay under another version.
-GENERATOR_VERSION = 1
 
 #: Streams of the counter's third word: independent noise for independent purposes.
 PERTURBATION_STREAM = 0
@@ -41,7 +33,11 @@ ROUNDING_STREAM = 1
 #: depend on the chunking; it only bounds the memory of one generation.
 CHUNK = 1 << 20
 CUDA_CHUNK = 1 << 24
-_COMPILE_MIN_COUNTERS = 1 << 14  # below this, compiled-call overhead outweighs the gain
+
+#: What produced the bits of z. 1: Box-Muller through torch's log/cos/sin (zo2 <= 0.1 before the
+#: fused CPU kernel); 2: zo2's own log and cos/sin in basic float32 operations. Rademacher signs and
+#: the rounding uniforms are the same in both. Checkpoints and seed logs record it.
+GENERATOR_VERSION = 2
 
 
 def chunk_size(device: torch.device | str) -> int:
@@ -71,43 +67,15 @@ def _philox_folded(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: tor
     return (words ^ ((words >> 31) * _M32)).to(torch.float32)
 
 
-_compiled: dict[Callable, Callable] = {}
-_compile_failed = False
-
-
-def _maybe_compiled(fn: Callable, n_counters: int, device: torch.device) -> Callable:
-    """``fn`` compiled (one fused loop or kernel instead of ~400 ops) for large chunks, else ``fn``.
-
-    The Philox rounds are integer math, so compiled and eager results are bitwise equal."""
-    global _compile_failed
-    if (n_counters < _COMPILE_MIN_COUNTERS or _compile_failed
-            or os.environ.get("ZO2_COMPILE_NOISE", "1") == "0"):
-        return fn
-    if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, dynamic=True)  # one kernel for every length (chunk tails too)
-    return _compiled[fn]
-
-
 def philox(seed: int, counters: torch.Tensor, unit: int, stream: int, *, folded: bool = False) -> torch.Tensor:
     """Philox-4x32-10 output for 64-bit ``counters``: (n, 4) int64 words, or folded float32 values."""
-    global _compile_failed
     device = counters.device
     key = int(seed) & 0xFFFFFFFFFFFFFFFF
     k0 = torch.tensor(key & _M32, dtype=torch.int64, device=device)
     k1 = torch.tensor(key >> 32, dtype=torch.int64, device=device)
     args = (counters & _M32, torch.full_like(counters, int(unit) & _M32),
             torch.full_like(counters, int(stream) & _M32), counters >> 32, k0, k1)
-    eager = _philox_folded if folded else _philox_words
-    fn = _maybe_compiled(eager, len(counters), device)
-    if fn is eager:
-        return eager(*args)
-    try:
-        with torch.no_grad():  # one grad mode for every caller: a change would recompile
-            return fn(*args)
-    except Exception as err:  # e.g. no C++ toolchain: eager is exact too, only slower
-        _compile_failed = True
-        logger.warning("compiled noise generator unavailable (%s); using eager torch", err)
-        return eager(*args)
+    return _philox_folded(*args) if folded else _philox_words(*args)
 
 
 def _to_unit_float(folded: torch.Tensor) -> torch.Tensor:
@@ -115,13 +83,68 @@ def _to_unit_float(folded: torch.Tensor) -> torch.Tensor:
     return folded * _INT_TO_UNIT
 
 
+def _hex(*values: str) -> tuple[float, ...]:
+    return tuple(float.fromhex(v) for v in values)
+
+
+# float32 constants (exact as written): atanh series 2/3, 2/5, 2/7, 2/9; ln 2 in two parts; the Taylor
+# coefficients (2 pi)^k / k! of sin and cos. Written identically in zo2/kernels/cpu_kernel.cpp.
+_LOG_SERIES = _hex("0x1.555556p-1", "0x1.99999ap-2", "0x1.24924ap-2", "0x1.c71c72p-3")
+_LN2_HI, _LN2_LO = _hex("0x1.63p-1", "-0x1.bd0106p-13")
+_SIN_2PI = _hex("0x1.921fb6p+2", "-0x1.4abbcep+5", "0x1.466bc6p+6", "-0x1.32d2ccp+6", "0x1.507834p+5")
+_COS_2PI = _hex("-0x1.3bd3ccp+4", "0x1.03c1f0p+6", "-0x1.55d3c8p+6", "0x1.e1f506p+5", "-0x1.a6d1f2p+4")
+_PIVOT = 0x3F3504F3  # the bits of sqrt(1/2): mantissas are reduced to [sqrt(1/2), sqrt(2))
+
+
+def _horner(x: torch.Tensor, coefficients: tuple[float, ...]) -> torch.Tensor:
+    """c0 + x * (c1 + x * (...)): one rounded multiply and one rounded add per step, never fused."""
+    result = torch.full_like(x, coefficients[-1])
+    for c in reversed(coefficients[:-1]):
+        result = result * x + c
+    return result
+
+
+def _log(u: torch.Tensor) -> torch.Tensor:
+    """log of float32 ``u`` in [1e-7, 1) in basic float32 operations only (no libm), to ~1 ulp.
+
+    u = 2^k m with m in [sqrt(1/2), sqrt(2)), f = m - 1, s = f / (2 + f):
+    log(1 + f) = 2 atanh(s) = f - (f^2/2 - s (f^2/2 + R(s^2))), R(z) = 2z/3 + 2z^2/5 + ... (4 terms)."""
+    shifted = u.view(torch.int32) - _PIVOT
+    k = (shifted >> 23).to(torch.float32)
+    f = ((shifted & 0x007FFFFF) + _PIVOT).view(torch.float32) - 1.0
+    s = f / (f + 2.0)
+    z = s * s
+    r = z * _horner(z, _LOG_SERIES)
+    hfsq = f * f * 0.5
+    return k * _LN2_HI + (f - (hfsq - (s * (hfsq + r) + k * _LN2_LO)))
+
+
+def _cos_sin_2pi(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos 2 pi u, sin 2 pi u) for float32 ``u`` in [0, 1), basic float32 operations only, to ~1 ulp:
+    u = q/4 + r with q the nearest integer to 4u (exact, |r| <= 1/8), Taylor polynomials of degree 9
+    and 10 in r, rotated by the quadrant q."""
+    q = (u * 4.0 + 12582912.0) - 12582912.0  # 1.5 * 2^23: rounds 4u to the nearest (even) integer
+    r = u - q * 0.25
+    x2 = r * r
+    sin = r * _horner(x2, _SIN_2PI)
+    cos = x2 * _horner(x2, _COS_2PI) + 1.0
+    quadrant = q.to(torch.int32) & 3
+    rotated_cos = torch.where(quadrant == 0, cos, torch.where(quadrant == 1, -sin, torch.where(quadrant == 2, -cos, sin)))
+    rotated_sin = torch.where(quadrant == 0, sin, torch.where(quadrant == 1, cos, torch.where(quadrant == 2, -sin, -cos)))
+    return rotated_cos, rotated_sin
+
+
 def _gaussian_chunk(seed: int, unit: int, first_counter: int, n_counters: int, stream: int,
                     device: torch.device) -> torch.Tensor:
+    """Box-Muller on output pairs (0, 1) and (2, 3): radius sqrt(-2 log u1), angle 2 pi u2."""
     counters = torch.arange(first_counter, first_counter + n_counters, dtype=torch.int64, device=device)
     u = _to_unit_float(philox(seed, counters, unit, stream, folded=True))
-    radius = torch.sqrt(-2.0 * torch.log(torch.clamp_min(u[:, 0::2], 1.0e-7)))
-    angle = 6.283185307179586 * u[:, 1::2]
-    pairs = torch.stack((radius * torch.cos(angle), radius * torch.sin(angle)), dim=-1)  # (n, 2, 2)
+    radius_squared = _log(torch.clamp_min(u[:, 0::2].contiguous(), 1.0e-7)) * -2.0
+    # torch's float32 sqrt need not round correctly (on CPU it may be MKL's, within 1 ulp); the float64
+    # root rounded to float32 is the correctly rounded float32 root, as the kernels' sqrt gives
+    radius = torch.sqrt(radius_squared.double()).float()
+    cos, sin = _cos_sin_2pi(u[:, 1::2].contiguous())
+    pairs = torch.stack((radius * cos, radius * sin), dim=-1)  # (n, 2, 2)
     return pairs.reshape(-1)  # element order: n1, n2 from pair 0, n3, n4 from pair 1
 
 
@@ -141,11 +164,6 @@ def _uniform_chunk(seed: int, unit: int, first_counter: int, n_counters: int, st
 
 _KINDS = {"gaussian": (_gaussian_chunk, 4), "rademacher": (_rademacher_chunk, 128),
           "uniform": (_uniform_chunk, 4)}
-
-
-def compile_threshold(kind: str) -> int:
-    """Elements from which one generation of ``kind`` runs the compiled generator."""
-    return _COMPILE_MIN_COUNTERS * _KINDS[kind][1]
 
 
 def chunks(start: int, count: int, size: int = CHUNK) -> list[tuple[int, int]]:

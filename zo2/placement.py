@@ -67,7 +67,7 @@ def unit_params(partition: Partition) -> list[tuple[str, list[nn.Parameter]]]:
 
 
 def _block_locations(model: nn.Module, config: ZOConfig, module_scope_ok: bool, device: torch.device) -> list[str]:
-    sizes = plan.model_sizes(model, config.torch_storage_dtype)
+    sizes = plan.model_sizes(model, config.torch_storage_dtype, config.torch_frozen_dtype)
     locations = plan.block_locations(config, sizes, module_scope_ok, device.type == "cuda")
     if config.gpu_memory_budget is not None or config.host_memory_budget is not None:
         logger.info("zo2 memory budgets (gpu %s, host %s): %d blocks on %s, %d in host memory, %d on disk",
@@ -84,37 +84,76 @@ def _move_buffers(model: nn.Module, device: torch.device) -> None:
                 setattr(module, key, buf.to(device))
 
 
+def _split_frozen(name: str, params: list[nn.Parameter]) -> list[tuple[str, list[nn.Parameter], bool]]:
+    """(name, params, trainable) of the units a partition unit becomes: its trainable parameters, and its
+    frozen ones (``requires_grad=False``) under ``name + ".frozen"``; empty parts are left out."""
+    trainable = [p for p in params if p.requires_grad]
+    frozen = [p for p in params if not p.requires_grad]
+    parts = [(name, trainable, True), (f"{name}.frozen", frozen, False)]
+    return [part for part in parts if part[1] or (part[2] and not params)]
+
+
+@dataclass(frozen=True)
+class _UnitSpec:
+    """One unit to build: its name, parameters, whether it trains, its master dtype and where it lives."""
+
+    name: str
+    params: list[nn.Parameter]
+    trainable: bool
+    dtype: torch.dtype | None
+    where: str  # one of plan.LOCATIONS
+
+
+def _unit_specs(partition: Partition, config: ZOConfig, locations: list[str]) -> list[_UnitSpec]:
+    """Every unit in order. A partition unit holding frozen parameters becomes two units, the trainable
+    one first (a model without frozen parameters keeps one unit per partition unit, and so the noise ids
+    of every unit); of a mixed unit only the frozen part is offloaded unless ``offload_trainable``."""
+    specs = []
+    for (name, params), where in zip(unit_params(partition), locations):
+        parts = _split_frozen(name, params)
+        mixed = len(parts) > 1
+        for part_name, part_params, trainable in parts:
+            stays = where != "device" and trainable and mixed and not config.offload_trainable
+            specs.append(_UnitSpec(part_name, part_params, trainable,
+                                   config.torch_storage_dtype if trainable else config.torch_frozen_dtype,
+                                   "device" if stays else where))
+    return specs
+
+
 def place(model: nn.Module, partition: Partition, config: ZOConfig, device: torch.device,
           source: WeightSource | None = None) -> Placement:
     """Build every unit's flat master, one unit at a time (never two copies of the model); disk units
     are assembled in one staging buffer and written to their files (:mod:`zo2.disk`)."""
     blocks = _block_locations(model, config, partition.matrices_read_by_owner, device)
-    where = ["device", *blocks, "device"]  # [embedding, blocks..., head]
-    offload = {i for i, w in enumerate(where) if w != "device"}
+    specs = _unit_specs(partition, config, ["device", *blocks, "device"])  # [embedding, blocks..., head]
     offload_device = torch.device("cpu" if config.offloads_to_disk else config.offloading_device)
     pin = device.type == "cuda" and offload_device.type == "cpu"
-    named = unit_params(partition)
-    store = disk.open_store(config, named, where, resume=source is not None and source.resume,
+    store = disk.open_store(config, [(s.name, s.params, s.dtype) for s in specs], [s.where for s in specs],
+                            resume=source is not None and source.resume,
                             base=source.base if source is not None else None)
     staging = disk.build_buffer(store)
     fill = source.fill if source is not None else None
     units = []
-    for index, (name, params) in enumerate(tqdm(named, desc="zo2: placing units", disable=source is None)):
-        if where[index] == "disk":
-            units.append(store.build_unit(index, name, params, dtype=config.torch_storage_dtype, fill=fill,
-                                          staging=staging))
+    for index, spec in enumerate(tqdm(specs, desc="zo2: placing units", disable=source is None)):
+        if spec.where == "disk":
+            units.append(store.build_unit(index, spec.name, spec.params, dtype=spec.dtype, fill=fill,
+                                          staging=staging, trainable=spec.trainable))
             continue
-        offloaded = index in offload
-        units.append(build_unit(index, name, params, device=offload_device if offloaded else device,
-                                dtype=config.torch_storage_dtype, pin=pin and offloaded, offloaded=offloaded,
-                                fill=fill))
+        offloaded = spec.where != "device"
+        units.append(build_unit(index, spec.name, spec.params, device=offload_device if offloaded else device,
+                                dtype=spec.dtype, pin=pin and offloaded, offloaded=offloaded,
+                                trainable=spec.trainable, fill=fill))
     del staging
     _move_buffers(model, device)
     on_device = sum(u.numel for u in units if not u.offloaded)
     moved = sum(u.numel for u in units if u.offloaded)
-    logger.info("zo2 placed %d units: %.1fM parameters resident on %s, %.1fM offloaded to %s (%d of %d blocks%s)",
-                len(units), on_device / 1e6, device, moved / 1e6, offload_device, len(offload), len(partition.blocks),
-                f", {where.count('disk')} on disk" if store is not None else "")
+    frozen = sum(u.numel for u in units if not u.trainable)
+    logger.info("zo2 placed %d units: %.1fM parameters resident on %s, %.1fM offloaded to %s (%d of %d blocks%s); "
+                "%.1fM trainable, %.1fM frozen", len(units), on_device / 1e6, device, moved / 1e6, offload_device,
+                len(partition.blocks) - blocks.count("device"), len(partition.blocks),
+                f", {blocks.count('disk')} on disk" if store is not None else "",
+                (on_device + moved - frozen) / 1e6, frozen / 1e6)
+    offload = {i for i, u in enumerate(units) if u.offloaded}
     streams = bool(offload)
     module_ok = partition.matrices_read_by_owner
     if streams and not module_ok and config.perturbation_scope == "auto" and device.type == "cuda":

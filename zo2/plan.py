@@ -85,9 +85,11 @@ def meta_model(source: str, dtype: torch.dtype | None = None) -> nn.Module:
         return AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype else {}))
 
 
-def param_bytes(params: Sequence[nn.Parameter], dtype: torch.dtype | None) -> int:
-    """Bytes of ``params`` stored in ``dtype`` (None: their own dtypes)."""
-    return sum(p.numel() * (dtype or p.dtype).itemsize for p in params)
+def param_bytes(params: Sequence[nn.Parameter], dtype: torch.dtype | None,
+                frozen_dtype: torch.dtype | None = None) -> int:
+    """Bytes of ``params`` stored in ``dtype`` (frozen ones in ``frozen_dtype``; None: their own dtypes)."""
+    return sum(p.numel() * ((dtype if p.requires_grad else frozen_dtype or dtype) or p.dtype).itemsize
+               for p in params)
 
 
 @dataclass(frozen=True)
@@ -106,21 +108,25 @@ class ModelSizes:
     """The most bytes of weight matrices one module owns directly: module scope's perturbed copy."""
 
 
-def model_sizes(model: nn.Module, dtype: torch.dtype | None = None) -> ModelSizes:
-    """The :class:`ModelSizes` of ``model`` (a meta-device model is enough)."""
+def model_sizes(model: nn.Module, dtype: torch.dtype | None = None,
+                frozen_dtype: torch.dtype | None = None) -> ModelSizes:
+    """The :class:`ModelSizes` of ``model`` (a meta-device model is enough); frozen parameters counted in
+    ``frozen_dtype`` when given."""
+    def size(params: Sequence[nn.Parameter]) -> int:
+        return param_bytes(params, dtype, frozen_dtype)
+
     _, blocks = find_blocks(model)
     seen: set[int] = set()
     per_block, block_vectors = [], 0
     for block in blocks:
         params = [p for p in block.parameters() if id(p) not in seen]
         seen.update(id(p) for p in params)
-        per_block.append(param_bytes(params, dtype))
-        block_vectors = max(block_vectors, param_bytes([p for p in params if p.dim() < 2], dtype))
+        per_block.append(size(params))
+        block_vectors = max(block_vectors, size([p for p in params if p.dim() < 2]))
     rest = [p for p in {id(p): p for p in model.parameters()}.values() if id(p) not in seen]
-    module_matrices = max((param_bytes([p for p in m.parameters(recurse=False) if p.dim() >= 2], dtype)
+    module_matrices = max((size([p for p in m.parameters(recurse=False) if p.dim() >= 2 and p.requires_grad])
                            for m in model.modules()), default=0)
-    return ModelSizes(fixed=param_bytes(rest, dtype), blocks=tuple(per_block),
-                      fixed_vectors=param_bytes([p for p in rest if p.dim() < 2], dtype),
+    return ModelSizes(fixed=size(rest), blocks=tuple(per_block), fixed_vectors=size([p for p in rest if p.dim() < 2]),
                       block_vectors=block_vectors, module_matrices=module_matrices)
 
 
@@ -364,7 +370,7 @@ def make_plan(model: nn.Module, config: ZOConfig, *, batch_size: int = 1, seq_le
               activation_dtype: torch.dtype | None = None) -> Plan:
     """Predict one step of ``config`` on ``model`` (a meta-device model is enough) for a batch shape."""
     dtype = config.torch_storage_dtype
-    sizes = model_sizes(model, dtype)
+    sizes = model_sizes(model, dtype, config.torch_frozen_dtype)
     fixed, blocks = sizes.fixed, sizes.blocks
     n = len(blocks)
     locations = block_locations(config, sizes)

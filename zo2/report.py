@@ -41,21 +41,32 @@ def write_outputs(summary: dict, output: Path) -> None:
     logger.info("wrote summary.json and loss_curve.png to %s", output)
 
 
+def _counts(predicted: dict[str, int]) -> str:
+    return ", ".join(f"{name} {count}" for name, count in predicted.items())
+
+
 def format_summary(summary: dict) -> str:
     """The few lines printed at the end of a run."""
-    metric = summary["metric"]
+    metric, settings = summary["metric"], summary["settings"]
     scale, unit = (100, "%") if metric in ("accuracy", "f1", "exact_match") else (1, "")
     before, after = scale * summary["before"], scale * summary["after"]
     minutes, secs = divmod(round(summary["total_seconds"]), 60)
     best = summary["best"]
-    return "\n".join([
+    stopped = {"max_seconds": " (stopped by --max-seconds)",
+               "max_run_seconds": " (stopped by --max-run-seconds)"}.get(summary["stop_reason"], "")
+    timing = (f": {summary['step_seconds']:.2f} s/step (median; first step {summary['first_step_seconds']:.1f} s), "
+              f"{summary['train_seconds']:.0f} s of training" if summary["step_seconds"] is not None else "")
+    lines = [
         f"zo2 finetune ({summary['mode']}): {summary['model']} on {summary['task']} [{summary['data']}] "
         f"({summary['train_examples']} train / {summary['eval_examples']} eval examples)",
         f"  {metric} before: {before:.2f}{unit}   after: {after:.2f}{unit}   ({after - before:+.2f})"
         f"   best: {scale * best['value']:.2f}{unit} at step {best['step']}",
-        f"  steps: {summary['steps']} x batch {summary['batch_size']}, lr {summary['zo_config']['lr']:g}"
-        + ("" if summary["mode"] == "first-order" else f", eps {summary['zo_config']['eps']:g}")
-        + f": {summary['step_seconds']:.2f} s/step (median; first step {summary['first_step_seconds']:.1f} s), "
-        f"{summary['train_seconds']:.0f} s of training",
-        f"  peak memory: {summary['peak_memory_mib']:.0f} MiB   total time: {minutes} min {secs:02d} s",
-    ])
+        f"  steps: {summary['steps']} x batch {settings['batch-size']}, lr {settings['lr']:g}"
+        + ("" if summary["mode"] == "first-order" else f", eps {settings['eps']:g}") + timing + stopped,
+    ]
+    first, last = summary["evals"][0], summary["evals"][-1]
+    if "predicted" in first:
+        lines.append(f"  predicted before: {_counts(first['predicted'])}   after: {_counts(last['predicted'])}   "
+                     f"(true labels: {_counts(summary['eval_labels'])})")
+    lines.append(f"  peak memory: {summary['peak_memory_mib']:.0f} MiB   total time: {minutes} min {secs:02d} s")
+    return "\n".join(lines)

@@ -79,7 +79,7 @@ class TransferScheduler:
 
     def _upload(self, unit: Unit) -> None:
         slot = self._free_slot()
-        buffer = self.pool.buffers[slot][:unit.numel]
+        buffer = self.pool.view(slot, unit)
         self.bytes_up += unit.numel * buffer.element_size()
         if not self.cuda:
             self._copy_in(unit, buffer)
@@ -126,7 +126,7 @@ class TransferScheduler:
         if upload.done is not None:
             torch.cuda.current_stream().wait_event(upload.done)
         self._prefetch()
-        return self.pool.buffers[upload.slot][:unit.numel]
+        return self.pool.view(upload.slot, unit)
 
     def write_back(self, unit: Unit, buffer: torch.Tensor) -> None:
         """Copy ``buffer`` (the unit's updated weights) back to its master once compute reaches here."""

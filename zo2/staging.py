@@ -39,11 +39,10 @@ logger = logging.getLogger(__name__)
 class AlignedSlotPool(SlotPool):
     """Slots in host memory that O_DIRECT can read into (a CPU working device)."""
 
-    def __init__(self, num_slots: int, numel: int, dtype: torch.dtype) -> None:  # noqa: super() allocates unaligned
-        self.raw = [aligned_empty(numel * dtype.itemsize) for _ in range(num_slots)]
-        self.buffers = [typed(raw, dtype, numel) for raw in self.raw]
+    def __init__(self, num_slots: int, nbytes: int) -> None:  # noqa: super() allocates unaligned
+        self.buffers = [aligned_empty(nbytes) for _ in range(num_slots)]
         logger.info("slot pool: %d x %.1f MiB in host memory, 4 KiB aligned (disk reads land here)", num_slots,
-                    numel * dtype.itemsize / 2**20)
+                    nbytes / 2**20)
 
 
 class _Staging:
@@ -71,9 +70,9 @@ class DiskTransferScheduler(TransferScheduler):
 
     def __init__(self, order: list[Unit], store: DiskStore, log: UpdateLog, num_slots: int,
                  device: torch.device) -> None:
-        numel, dtype = max(u.numel for u in order), order[0].master.dtype
         cuda = device.type == "cuda"
-        pool = SlotPool(num_slots, numel, dtype, device) if cuda else AlignedSlotPool(num_slots, numel, dtype)
+        pool = (SlotPool.for_units(num_slots, order, device) if cuda else
+                AlignedSlotPool(num_slots, max(u.master.nbytes for u in order)))
         super().__init__(order, pool, device)
         self.store, self.log = store, log
         largest = max(b.nbytes for b in store.buffers.values())
@@ -89,13 +88,13 @@ class DiskTransferScheduler(TransferScheduler):
     def held_bytes(self) -> int:
         """Host bytes of the buffers disk reads land in: the slots on a CPU working device, the pinned
         staging buffers on CUDA (each padded to 4 KiB, plus up to 4 KiB of alignment)."""
-        buffers = self._staging.buffers if self._staging is not None else self.pool.raw
+        buffers = self._staging.buffers if self._staging is not None else self.pool.buffers
         return sum(b.numel() + ALIGN for b in buffers)
 
     # ----------------------------------------------------------------------------- uploads
     def _upload(self, unit: Unit) -> None:
         slot = self._free_slot()
-        buffer = self.pool.buffers[slot][:unit.numel]
+        buffer = self.pool.view(slot, unit)
         self.bytes_up += unit.numel * buffer.element_size()
         waits = list(self._slot_free[slot])
         if unit.index in self._host_ready:
@@ -106,12 +105,12 @@ class DiskTransferScheduler(TransferScheduler):
 
     def _fill_slot(self, unit: Unit, slot: int, waits: list, expected: int | None) -> torch.cuda.Event | None:
         """I/O thread: the unit's weights into ``slot``; returns the upload event on CUDA."""
-        buffer = self.pool.buffers[slot][:unit.numel]
+        buffer = self.pool.view(slot, unit)
         if not self.cuda:
             if expected is None:
                 buffer.copy_(unit.master)
             else:
-                self.store.read(unit.index, self.pool.raw[slot], expected)
+                self.store.read(unit.index, self.pool.buffers[slot], expected)
             return None
         index, staging = (None, None)
         source = unit.master
@@ -155,12 +154,12 @@ class DiskTransferScheduler(TransferScheduler):
     def _write_slot(self, unit: Unit, slot: int, ready: torch.cuda.Event | None, applied: int, steps: list) -> None:
         """I/O thread: the slot's weights into the unit's file, as holding ``applied`` steps."""
         if not self.cuda:
-            self.store.write(unit.index, self.pool.raw[slot], applied, steps)
+            self.store.write(unit.index, self.pool.buffers[slot], applied, steps)
             return
         index, staging = self._staging.take()
         with torch.cuda.stream(self.offload_stream):
             self.offload_stream.wait_event(ready)
-            typed(staging, unit.master.dtype, unit.numel).copy_(self.pool.buffers[slot][:unit.numel],
+            typed(staging, unit.master.dtype, unit.numel).copy_(self.pool.view(slot, unit),
                                                                 non_blocking=True)
             copied = torch.cuda.Event()
             copied.record(self.offload_stream)

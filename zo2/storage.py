@@ -32,6 +32,9 @@ class Unit:
     n_decay: int
     """Elements [0, n_decay) receive weight decay; the rest (biases, norms) never do."""
     offsets: list[int] = field(default_factory=list)
+    trainable: bool = True
+    """False for a unit of frozen parameters (``requires_grad=False``): never perturbed, never updated,
+    and, when offloaded, uploaded but never written back."""
 
     @property
     def numel(self) -> int:
@@ -63,7 +66,7 @@ def _layout(params: list[nn.Parameter]) -> tuple[list[nn.Parameter], int]:
 
 
 def build_unit(index: int, name: str, params: list[nn.Parameter], *, device: torch.device,
-               dtype: torch.dtype | None, pin: bool, offloaded: bool,
+               dtype: torch.dtype | None, pin: bool, offloaded: bool, trainable: bool = True,
                allocate: Callable[[int, torch.dtype], torch.Tensor] | None = None,
                fill: Callable[[nn.Parameter, torch.Tensor], None] | None = None) -> Unit:
     """Move ``params`` into one flat master buffer on ``device`` and point them at it.
@@ -84,7 +87,8 @@ def build_unit(index: int, name: str, params: list[nn.Parameter], *, device: tor
         master = torch.empty(total, dtype=dtype, device=device, pin_memory=pin and device.type == "cpu")
     else:
         master = allocate(total, dtype)
-    unit = Unit(index=index, name=name, params=ordered, master=master, offloaded=offloaded, n_decay=n_decay)
+    unit = Unit(index=index, name=name, params=ordered, master=master, offloaded=offloaded, n_decay=n_decay,
+                trainable=trainable)
     start = 0
     for param in ordered:
         unit.offsets.append(start)
@@ -99,12 +103,26 @@ def build_unit(index: int, name: str, params: list[nn.Parameter], *, device: tor
 
 
 class SlotPool:
-    """Reusable working-device buffers, each as large as the largest offloaded unit (ZO2's slots)."""
+    """Reusable working-device buffers, each as large as the largest offloaded unit (ZO2's slots).
 
-    def __init__(self, num_slots: int, numel: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.buffers = [torch.empty(numel, dtype=dtype, device=device) for _ in range(num_slots)]
-        logger.info("slot pool: %d x %.1f MiB on %s", num_slots,
-                    numel * torch.finfo(dtype).bits / 8 / 2**20, device)
+    Slots are raw bytes viewed as each unit's dtype, so units stored in different dtypes (a bf16 frozen
+    part beside float32 adapters) share them."""
+
+    _ALIGN = 64
+
+    def __init__(self, num_slots: int, nbytes: int, device: torch.device) -> None:
+        nbytes = -(-nbytes // self._ALIGN) * self._ALIGN
+        self.buffers = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(num_slots)]
+        logger.info("slot pool: %d x %.1f MiB on %s", num_slots, nbytes / 2**20, device)
+
+    @classmethod
+    def for_units(cls, num_slots: int, units: list[Unit], device: torch.device) -> "SlotPool":
+        """Slots that can hold any of ``units``."""
+        return cls(num_slots, max(u.master.nbytes for u in units), device)
+
+    def view(self, slot: int, unit: Unit) -> torch.Tensor:
+        """Slot ``slot`` as a buffer laid out like ``unit.master``."""
+        return self.buffers[slot][:unit.master.nbytes].view(unit.master.dtype)
 
     def __len__(self) -> int:
         return len(self.buffers)

@@ -58,8 +58,14 @@ class Walk:
         if unit.index in self.views:
             return
         ctx = self.ctx
-        steps = ctx.log.pending(unit.index)
         buffer = ctx.scheduler.acquire(unit) if unit.offloaded else unit.master
+        self.readers_left[unit.index] = ctx.readers[unit.index]
+        if not unit.trainable:  # frozen: every part reads the weights themselves; nothing to write back
+            self.views[unit.index] = [unit.views(buffer)] * len(self.parts)
+            if unit.offloaded:
+                self.slots_held.add(unit.index)
+            return
+        steps = ctx.log.pending(unit.index)
         reads_buffer = ctx.scope.ready(self, unit, buffer, steps)
         if not unit.offloaded:
             ctx.log.mark_applied(unit.index)
@@ -72,7 +78,6 @@ class Walk:
                 self.slots_held.add(unit.index)
             else:
                 ctx.scheduler.release(unit)
-        self.readers_left[unit.index] = ctx.readers[unit.index]
 
     def member(self, entry: Wrapped, args: tuple, kwargs: dict) -> Any:
         """Run ``entry`` on each part of its inputs under that part's weights; merge the outputs."""

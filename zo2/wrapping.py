@@ -31,8 +31,9 @@ class Wrapped:
 
 
 def _matrices_of(module: nn.Module, owner: dict[int, tuple[Unit, int]]) -> list[Matrix]:
-    """The weight matrices ``module`` owns directly (not through submodules)."""
-    return [Matrix(p, *owner[id(p)]) for p in module.parameters(recurse=False) if p.dim() >= 2]
+    """The trainable weight matrices ``module`` owns directly (not through submodules)."""
+    return [Matrix(p, *owner[id(p)]) for p in module.parameters(recurse=False)
+            if p.dim() >= 2 and owner[id(p)][0].trainable]
 
 
 def wrap(partition: Partition, units: list[Unit], call: Callable[[Wrapped, tuple, dict], Any], *,

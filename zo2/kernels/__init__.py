@@ -7,30 +7,37 @@ Every backend computes, for elements [offset, offset + numel) of a unit laid out
 
 with z regenerated from its seed (:mod:`zo2.noise`), never stored. Backends (``ZOConfig.kernels``):
 
-* ``"torch"``: :mod:`zo2.kernels.torch_path`, plain torch chunk by chunk: the reference;
+* ``"torch"``: :mod:`zo2.kernels.torch_path`, plain eager torch chunk by chunk: the reference;
+* ``"cpu"``: :mod:`zo2.kernels.cpu_fused`, one fused C++ pass per 1024-element block (CPU buffers of
+  float32/bf16/fp16; built with the system's C++ compiler on first use and cached), bit-identical to
+  the torch path;
 * ``"triton"``: :mod:`zo2.kernels.triton_path`, one fused Triton launch per call (CUDA; CPU tensors
   only under Triton's interpreter);
-* ``"auto"``: Triton for CUDA buffers of float32/bf16/fp16 when triton imports, else the torch path.
+* ``"auto"``: Triton for CUDA buffers of float32/bf16/fp16 when triton imports; the fused CPU kernel
+  for CPU buffers it takes when it builds (else, logged once, the torch path); the torch path otherwise.
 """
 from __future__ import annotations
 
 import os
+from types import ModuleType
 from typing import Sequence
 
 import torch
 
 from ..history import Update
 from ..storage import Unit
-from . import torch_path, triton_path
+from . import cpu_fused, torch_path, triton_path
 from .torch_path import stochastic_round
 from .triton_path import triton_available
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "cpu", "torch", "triton")
 ENV_DEFAULT = "ZO2_KERNELS"
 """Environment variable giving ``ZOConfig.kernels`` its default (read when a config is made)."""
+WARM_UP_NUMEL = 4096
+"""Elements of the scratch buffer that warms a backend up (builds or compiles it) before a first step."""
 
-__all__ = ["BACKENDS", "apply_updates", "default_backend", "stochastic_round", "triton_available",
-           "update_and_perturb", "use_triton"]
+__all__ = ["BACKENDS", "WARM_UP_NUMEL", "apply_updates", "default_backend", "resolve", "stochastic_round",
+           "triton_available", "update_and_perturb", "use_triton"]
 
 
 def default_backend() -> str:
@@ -38,16 +45,35 @@ def default_backend() -> str:
     return os.environ.get(ENV_DEFAULT, "auto").strip().lower() or "auto"
 
 
-def use_triton(buffer: torch.Tensor, backend: str = "auto") -> bool:
-    """Whether the update/perturbation of ``buffer`` runs the Triton kernel under ``backend``."""
+def resolve(buffer: torch.Tensor, backend: str = "auto", noise_kind: str = "gaussian",
+            out: Sequence[torch.Tensor] | None = None) -> str:
+    """The backend ("cpu", "torch" or "triton") that runs the update/perturbation of ``buffer`` under
+    ``backend``. Raises when an explicitly chosen backend is unavailable (saying how to fix it)."""
     if backend not in BACKENDS:
         raise ValueError(f"kernel backend {backend!r} is unknown; expected one of {list(BACKENDS)}")
     if backend == "triton":
         if not triton_available():
             raise RuntimeError("ZOConfig.kernels='triton' but triton is not installed: pip install 'zo2[gpu]'")
-        return True
-    return (backend == "auto" and buffer.is_cuda and buffer.dtype in triton_path.DTYPES
-            and triton_available())
+        return "triton"
+    if backend == "cpu":
+        if not cpu_fused.available():
+            raise RuntimeError("ZOConfig.kernels='cpu' but the fused CPU kernel cannot be built (see the warning "
+                               "above: install a C++ compiler such as g++, or set ZOConfig.kernels='auto')")
+        return "cpu"
+    if backend == "auto":
+        if buffer.is_cuda and buffer.dtype in triton_path.DTYPES and triton_available():
+            return "triton"
+        if cpu_fused.supports(buffer, out, noise_kind) is None and cpu_fused.available():
+            return "cpu"
+    return "torch"
+
+
+def use_triton(buffer: torch.Tensor, backend: str = "auto") -> bool:
+    """Whether the update/perturbation of ``buffer`` runs the Triton kernel under ``backend``."""
+    return resolve(buffer, backend) == "triton"
+
+
+_PATHS: dict[str, ModuleType] = {"cpu": cpu_fused, "torch": torch_path, "triton": triton_path}
 
 
 def update_and_perturb(buffer: torch.Tensor, unit: Unit, updates: Sequence[Update], seed: int, eps: float, *,
@@ -56,7 +82,7 @@ def update_and_perturb(buffer: torch.Tensor, unit: Unit, updates: Sequence[Updat
     """Apply pending ``updates`` to ``buffer`` in place, then return ``buffer + sign*eps*z(seed)`` per sign.
 
     ``out`` (one tensor per sign, shaped like ``buffer``) receives the copies instead of new tensors."""
-    path = triton_path if use_triton(buffer, backend) else torch_path
+    path = _PATHS[resolve(buffer, backend, noise_kind, out)]
     return path.update_and_perturb(buffer, unit, updates, seed, eps, noise_kind=noise_kind,
                                    weight_decay=weight_decay, signs=signs, offset=offset, out=out)
 
@@ -64,5 +90,5 @@ def update_and_perturb(buffer: torch.Tensor, unit: Unit, updates: Sequence[Updat
 def apply_updates(buffer: torch.Tensor, unit: Unit, updates: Sequence[Update], *, noise_kind: str,
                   weight_decay: float, offset: int = 0, backend: str = "auto") -> None:
     """Apply ``updates`` in order, in place, to ``buffer`` (elements [offset, offset + numel) of a unit)."""
-    path = triton_path if use_triton(buffer, backend) else torch_path
+    path = _PATHS[resolve(buffer, backend, noise_kind)]
     path.apply_updates(buffer, unit, updates, noise_kind=noise_kind, weight_decay=weight_decay, offset=offset)

@@ -36,6 +36,14 @@ def stochastic_round(values: torch.Tensor, dtype: torch.dtype, uniform: torch.Te
     return torch.where(take_neighbour, neighbour, nearest)
 
 
+def signed_outputs(buffer: torch.Tensor, signs: Sequence[int],
+                   out: Sequence[torch.Tensor] | None) -> dict[int, torch.Tensor]:
+    """The fused backends' outputs: sign -> ``out`` tensor (or a new one like ``buffer``), signs checked."""
+    if any(sign not in (1, -1) for sign in signs) or len(set(signs)) != len(signs):
+        raise ValueError(f"signs must be distinct values of +1 and -1, got {tuple(signs)}")
+    return dict(zip(signs, list(out) if out is not None else [torch.empty_like(buffer) for _ in signs]))
+
+
 def _update_chunk(chunk: torch.Tensor, offset: int, unit: Unit, update: Update, noise_kind: str,
                   weight_decay: float) -> None:
     z = noise.generate(noise_kind, update.seed, unit.index, offset, chunk.numel(), device=chunk.device)

@@ -21,6 +21,7 @@ import torch
 from .. import noise
 from ..history import Update
 from ..storage import Unit
+from .torch_path import signed_outputs
 
 #: Elements per Triton program: a power of two >= 128 (one Philox counter covers 128 Rademacher signs).
 BLOCK = 1024
@@ -88,10 +89,7 @@ def update_and_perturb(buffer: torch.Tensor, unit: Unit, updates: Sequence[Updat
                        offset: int = 0, out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """:func:`zo2.kernels.torch_path.update_and_perturb` in one Triton launch: returns ``buffer + sign*eps*z``
     per sign (written into ``out`` when given)."""
-    if any(sign not in (1, -1) for sign in signs) or len(set(signs)) != len(signs):
-        raise ValueError(f"signs must be distinct values of +1 and -1, got {tuple(signs)}")
-    copies = list(out) if out is not None else [torch.empty_like(buffer) for _ in signs]
-    outputs = dict(zip(signs, copies))
+    outputs = signed_outputs(buffer, signs, out)
     _launch(buffer, unit, updates, seed, eps, outputs, noise_kind, weight_decay, offset)
     return [outputs[sign] for sign in signs]
 

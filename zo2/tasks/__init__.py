@@ -10,17 +10,18 @@ supervised continuations, and evaluation (candidate scoring, greedy answers, hel
 """
 from .data import (FORMATS, TaskError, batch_indices, check_columns, distinct_labels, load_hub_split,
                    package_data_file, read_records, rotten_tomatoes_path, split_examples, subsample, training_batch)
-from .encoding import IGNORE_INDEX, PromptEncoder, make_examples
-from .registry import TASKS, ColumnTask, Example, TaskSpec, TextTask, get_task
+from .encoding import IGNORE_INDEX, TRUNCATION_SIDES, PromptEncoder, make_examples
+from .registry import TASKS, ColumnTask, Example, TaskSpec, TextTask, framed, get_task
 from .scoring import (EvalResult, answer_f1, candidate_scores, evaluate, greedy_answers, normalize_answer,
                       token_logprobs)
 
 ROTTEN_TOMATOES = ColumnTask(label_words={"rotten": "negative", "fresh": "positive"}, label_column="category",
-                             name="rotten_tomatoes")
-"""The embedded default task: Rotten Tomatoes critic snippets, rotten -> " negative", fresh -> " positive"."""
+                             name="rotten_tomatoes", ignored_labels=("plot",))
+"""The embedded default task: Rotten Tomatoes critic snippets, rotten -> " negative", fresh -> " positive"
+(the corpus's ``plot`` summaries are not reviews: left out)."""
 
 __all__ = ["FORMATS", "TaskError", "batch_indices", "check_columns", "distinct_labels", "load_hub_split",
            "package_data_file", "read_records", "rotten_tomatoes_path", "split_examples", "subsample",
-           "training_batch", "IGNORE_INDEX", "PromptEncoder", "make_examples", "TASKS", "ColumnTask", "Example",
-           "TaskSpec", "TextTask", "get_task", "EvalResult", "answer_f1", "candidate_scores", "evaluate",
-           "greedy_answers", "normalize_answer", "token_logprobs", "ROTTEN_TOMATOES"]
+           "training_batch", "IGNORE_INDEX", "TRUNCATION_SIDES", "PromptEncoder", "make_examples", "TASKS",
+           "ColumnTask", "Example", "TaskSpec", "TextTask", "framed", "get_task", "EvalResult", "answer_f1",
+           "candidate_scores", "evaluate", "greedy_answers", "normalize_answer", "token_logprobs", "ROTTEN_TOMATOES"]

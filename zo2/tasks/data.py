@@ -142,7 +142,8 @@ def split_examples(examples: Sequence[T], eval_size: int, train_size: int, seed:
     order = [g[i] for i in range(max(map(len, members))) for g in members if i < len(g)]
     eval_set, train = order[:eval_size], order[eval_size:eval_size + train_size]
     if len(train) < train_size:
-        logger.info("only %d examples are left for training (asked for %d)", len(train), train_size)
+        logger.warning("only %d of the %d examples are left for training after the %d held out for evaluation "
+                       "(asked for %d training examples)", len(train), len(examples), len(eval_set), train_size)
     rng.shuffle(train)
     return train, eval_set
 

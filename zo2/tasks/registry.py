@@ -15,10 +15,14 @@ copies of it work the same way.
 """
 from __future__ import annotations
 
+import collections
+import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 from .data import TaskError
+
+logger = logging.getLogger(__name__)
 
 Kind = Literal["classification", "generation", "lm"]
 
@@ -35,11 +39,21 @@ class Example:
     """Index of the correct candidate (classification), else -1."""
     answers: tuple[str, ...] = ()
     """Reference answers (generation; the first one is the training target) or the text to model (lm)."""
+    text_span: tuple[int, int] | None = None
+    """(start, end) characters of the prompt's text field (the row's long text): the only part of the
+    prompt that is cut when it does not fit (None: the prompt is cut as a whole)."""
 
     @property
     def target(self) -> str:
         """The continuation that training supervises."""
         return self.candidates[self.label] if self.candidates else self.answers[0]
+
+
+def framed(before: str, text: str, after: str, candidates: tuple[str, ...] = (), label: int = -1,
+           answers: tuple[str, ...] = ()) -> Example:
+    """The example whose prompt is ``before + text + after``, with ``text`` as its text field (the part
+    that may be cut to fit the length; the template around it is always kept whole)."""
+    return Example(before + text + after, candidates, label, answers, text_span=(len(before), len(before) + len(text)))
 
 
 @dataclass(frozen=True)
@@ -65,13 +79,14 @@ class TaskSpec:
         return {"classification": "accuracy", "generation": "f1", "lm": "loss"}[self.kind]
 
 
-def _labelled(words: tuple[str, ...], prompt: Callable[[Mapping[str, Any]], str]) -> Callable:
-    """A renderer for a fixed label set: ``row["label"]`` indexes ``words``; rows labelled -1 are dropped."""
+def _labelled(words: tuple[str, ...], prompt: Callable[[Mapping[str, Any]], tuple[str, str, str]]) -> Callable:
+    """A renderer for a fixed label set: ``row["label"]`` indexes ``words``; rows labelled -1 are dropped.
+    ``prompt(row)`` gives (before, text field, after)."""
     def render(row: Mapping[str, Any]) -> Example | None:
         label = int(row["label"])
         if not 0 <= label < len(words):
             return None
-        return Example(prompt(row), words, label)
+        return framed(*prompt(row), candidates=words, label=label)
     return render
 
 
@@ -90,8 +105,8 @@ def _copa(row: Mapping[str, Any]) -> Example | None:
         first, _, rest = choice.strip().partition(" ")
         return " " + " ".join(w for w in (first if first == "I" else first.lower(), rest) if w)
     label = int(row["label"])
-    return None if label < 0 else Example(premise + joint, (lower_first(row["choice1"]), lower_first(row["choice2"])),
-                                          label)
+    return None if label < 0 else framed("", premise, joint, (lower_first(row["choice1"]), lower_first(row["choice2"])),
+                                         label)
 
 
 def _record(row: Mapping[str, Any]) -> Example | None:
@@ -100,47 +115,49 @@ def _record(row: Mapping[str, Any]) -> Example | None:
     correct = [i for i, e in enumerate(entities) if e in set(row["answers"])]
     if not correct:
         return None
-    prompt = f"{row['passage']}\n{row['query']}\nQuestion: what is the \"@placeholder\"\nAnswer:"
-    return Example(prompt, tuple(f" {e}" for e in entities), correct[0])
+    after = f"\n{row['query']}\nQuestion: what is the \"@placeholder\"\nAnswer:"
+    return framed("", row["passage"], after, tuple(f" {e}" for e in entities), correct[0])
 
 
 def _squad(row: Mapping[str, Any]) -> Example | None:
     answers = tuple(a for a in row["answers"]["text"] if a.strip())
-    prompt = f"Title: {row['title']}\nContext: {row['context']}\nQuestion: {row['question'].strip()}\nAnswer:"
-    return Example(prompt, answers=answers) if answers else None
+    before, after = f"Title: {row['title']}\nContext: ", f"\nQuestion: {row['question'].strip()}\nAnswer:"
+    return framed(before, row["context"], after, answers=answers) if answers else None
 
 
 def _drop(row: Mapping[str, Any]) -> Example | None:
     answers = tuple(a for a in row["answers_spans"]["spans"] if a.strip())
-    prompt = f"Passage: {row['passage']}\nQuestion: {row['question'].strip()}\nAnswer:"
-    return Example(prompt, answers=answers) if answers else None
+    after = f"\nQuestion: {row['question'].strip()}\nAnswer:"
+    return framed("Passage: ", row["passage"], after, answers=answers) if answers else None
 
 
 _YES_NO = ("Yes", "No")
 _NO_YES = ("No", "Yes")
 
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in [
-    TaskSpec("sst2", "classification", _labelled((" terrible", " great"), lambda r: f"{r['sentence'].strip()} It was"),
+    TaskSpec("sst2", "classification", _labelled((" terrible", " great"), lambda r: ("", r["sentence"].strip(),
+                                                                                    " It was")),
              "nyu-mll/glue", "sst2", description="SST-2 sentiment (GLUE): sentence, label 0/1"),
-    TaskSpec("rte", "classification", _labelled(_YES_NO, lambda r: f"{r['premise']}\nDoes this mean that "
-                                                f"\"{r['hypothesis']}\" is true? Yes or No?\n"),
+    TaskSpec("rte", "classification", _labelled(_YES_NO, lambda r: ("", r["premise"], f"\nDoes this mean that "
+                                                f"\"{r['hypothesis']}\" is true? Yes or No?\n")),
              "aps/super_glue", "rte", description="RTE entailment (SuperGLUE): premise, hypothesis, label"),
-    TaskSpec("cb", "classification", _labelled(("Yes", "No", "Maybe"), lambda r: f"Suppose {r['premise']} Can we "
-                                               f"infer that \"{r['hypothesis']}\"? Yes, No, or Maybe?\n"),
+    TaskSpec("cb", "classification", _labelled(("Yes", "No", "Maybe"), lambda r: ("Suppose ", r["premise"], f" Can we "
+                                               f"infer that \"{r['hypothesis']}\"? Yes, No, or Maybe?\n")),
              "aps/super_glue", "cb", description="CommitmentBank (SuperGLUE): premise, hypothesis, label 0-2"),
-    TaskSpec("boolq", "classification", _labelled(_NO_YES, lambda r: f"{r['passage']} {_question(r['question'])}\n"),
+    TaskSpec("boolq", "classification", _labelled(_NO_YES, lambda r: ("", r["passage"],
+                                                                      f" {_question(r['question'])}\n")),
              "aps/super_glue", "boolq", description="BoolQ (SuperGLUE): passage, question, label 0/1"),
-    TaskSpec("wsc", "classification", _labelled(_NO_YES, lambda r: f"{r['text']}\nIn the previous sentence, does "
+    TaskSpec("wsc", "classification", _labelled(_NO_YES, lambda r: ("", r["text"], f"\nIn the previous sentence, does "
                                                 f"the pronoun \"{r['span2_text'].lower()}\" refer to "
-                                                f"{r['span1_text']}? Yes or No?\n"),
+                                                f"{r['span1_text']}? Yes or No?\n")),
              "aps/super_glue", "wsc.fixed", description="Winograd schema (SuperGLUE wsc.fixed): text, spans, label"),
-    TaskSpec("wic", "classification", _labelled(_NO_YES, lambda r: f"Does the word \"{r['word']}\" have the same "
-                                                f"meaning in these two sentences? Yes, No?\n{r['sentence1']}\n"
-                                                f"{r['sentence2']}\n"),
+    TaskSpec("wic", "classification", _labelled(_NO_YES, lambda r: (f"Does the word \"{r['word']}\" have the same "
+                                                "meaning in these two sentences? Yes, No?\n", r["sentence1"],
+                                                f"\n{r['sentence2']}\n")),
              "aps/super_glue", "wic", description="Word in context (SuperGLUE): word, sentence1/2, label"),
-    TaskSpec("multirc", "classification", _labelled(_NO_YES, lambda r: f"{r['paragraph']}\nQuestion: "
+    TaskSpec("multirc", "classification", _labelled(_NO_YES, lambda r: ("", r["paragraph"], f"\nQuestion: "
                                                     f"{r['question']}\nI found this answer \"{r['answer']}\". "
-                                                    f"Is that correct? Yes or No?\n"),
+                                                    f"Is that correct? Yes or No?\n")),
              "aps/super_glue", "multirc", description="MultiRC (SuperGLUE): paragraph, question, answer, label"),
     TaskSpec("copa", "classification", _copa, "aps/super_glue", "copa",
              description="COPA (SuperGLUE): premise, choice1/2, question cause/effect, label"),
@@ -165,11 +182,17 @@ class ColumnTask:
     text_column: str = "text"
     label_column: str = "label"
     name: str = "text-classification"
+    drop_unknown_labels: bool = False
+    """Drop rows whose label value is not a key of ``label_words`` (with a warning); False: such rows are
+    an error naming the values, so a typo in a label word cannot silently remove a class."""
+    ignored_labels: tuple[str, ...] = ()
+    """Label values whose rows are not examples of the task and are left out quietly (the embedded
+    data's ``plot`` summaries)."""
     kind: Kind = field(default="classification", init=False)
 
     def __post_init__(self) -> None:
-        if "{text}" not in self.template:
-            raise TaskError(f"the prompt template {self.template!r} has no {{text}} placeholder")
+        if self.template.count("{text}") != 1:
+            raise TaskError(f"the prompt template {self.template!r} needs exactly one {{text}} placeholder")
         words = [w.strip() for w in self.label_words.values()]
         if len(words) < 2:
             raise TaskError(f"a classification task needs at least two classes; got label words {dict(self.label_words)}")
@@ -184,13 +207,34 @@ class ColumnTask:
     def candidates(self) -> tuple[str, ...]:
         return tuple(f" {w.strip()}" for w in self.label_words.values())
 
+    def check_rows(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """TaskError naming the label values of ``records`` that have no label word (unless
+        ``drop_unknown_labels``: then a warning); a warning for label words that no row uses."""
+        values = collections.Counter(str(r.get(self.label_column)) for r in records)
+        unknown = {v: n for v, n in values.items() if v not in self.label_words and v not in self.ignored_labels}
+        unused = [k for k in self.label_words if k not in values]
+        found = ", ".join(f"{v!r} ({n} rows)" for v, n in sorted(unknown.items(), key=lambda item: -item[1]))
+        given = " ".join(f"{k}={w}" for k, w in self.label_words.items())
+        names = ", ".join(map(repr, unused))
+        if unknown and not self.drop_unknown_labels:
+            raise TaskError(f"label column {self.label_column!r} has values without a label word: {found}; the label "
+                            f"words are {given}" + (f" ({names} matches no row)" if unused else "") + ". Values match "
+                            "exactly (case and spaces count): add VALUE=WORD to --label-words, fix the typo, or pass "
+                            "--drop-unknown-labels to leave those rows out")
+        if unknown:
+            logger.warning("leaving out %d rows whose label has no label word: %s", sum(unknown.values()), found)
+        if unused:
+            logger.warning("label words %s match no row of this data (label values are %s)", names,
+                           ", ".join(map(repr, sorted(values))))
+
     def render(self, row: Mapping[str, Any]) -> Example | None:
         """The example of ``row``; None when its label is not one of the label words or its text is empty."""
         labels = list(self.label_words)
         value, text = str(row.get(self.label_column)), str(row.get(self.text_column) or "").strip()
         if value not in labels or not text:
             return None
-        return Example(self.template.replace("{text}", text), self.candidates, labels.index(value))
+        before, after = self.template.split("{text}")
+        return framed(before, text, after, self.candidates, labels.index(value))
 
 
 @dataclass(frozen=True)
@@ -215,7 +259,8 @@ class TextTask:
             return None
         if self.prompt_column is None:
             return Example("", answers=(text,))
-        return Example(self.template.replace("{prompt}", str(row.get(self.prompt_column) or "")), answers=(text,))
+        before, after = self.template.split("{prompt}", 1)
+        return framed(before, str(row.get(self.prompt_column) or ""), after, answers=(text,))
 
 
 def get_task(name: str) -> TaskSpec:

@@ -50,7 +50,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 def _by_prompt_length(encoder: PromptEncoder, examples: Sequence[Example], batch_size: int) -> list[list[int]]:
     """Example indices in chunks of ``batch_size``, sorted by prompt length to limit padding."""
-    order = sorted(range(len(examples)), key=lambda i: len(encoder.prompt_ids(examples[i])))
+    order = sorted(range(len(examples)), key=lambda i: encoder.prompt_length(examples[i]))
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 

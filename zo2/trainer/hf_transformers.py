@@ -21,11 +21,12 @@ evaluation and checkpoint rotation run unchanged:
   (:class:`zo2.checkpoint.CheckpointError`); ``True`` picks the newest complete one.
 * the engine owns the weights' placement: Trainer and accelerate neither move the model nor wrap it
   in DDP. Under ``torchrun``, each process trains on its shard of every batch (accelerate's sharded
-  dataloader) and the engine all-reduces the loss statistics (``zo2.distributed.role_for``).
+  dataloader) and the engine all-reduces the loss statistics (``zo2.distributed.role_for``), whether
+  the trainer built it from ``zo_config`` or ``model.zo_init(config)`` did (both build it with
+  :func:`zo2.hf.engine_for_this_process`).
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import logging
 import time
@@ -35,13 +36,14 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..checkpoint import (SEED_LOG_NAME, STATE_NAME, CheckpointError, latest_checkpoint, load_checkpoint,
                           save_seed_log, write_json_atomic, write_manifest)
+from ..compat import mark_placed, rotate_checkpoints
 from ..config import ZOConfig
-from ..distributed import role_for
 from ..engine import StepResult, ZOEngine
+from ..hf import engine_for_this_process, on_this_rank
 
 logger = logging.getLogger(__name__)
 
@@ -126,11 +128,16 @@ def check_training_arguments(args: Any) -> None:
     args.max_grad_norm = 0.0
 
 
-def _placed(config: ZOConfig, device: torch.device) -> ZOConfig:
-    """Under torchrun each process has its own GPU: a bare ``working_device='cuda'`` takes Trainer's."""
-    if config.working_device == "cuda" and device.type == "cuda" and device.index is not None:
-        return dataclasses.replace(config, working_device=str(device))
-    return config
+def _check_zo_config(config: ZOConfig, args: Any) -> None:
+    """Refuse the parallel modes a trainer cannot drive; say that ``ZOConfig.lr`` gives way to Trainer's."""
+    if config.perturbation_parallel > 1 or config.direction_parallel > 1:
+        raise ValueError("ZO trainers shard the data over all processes (data parallel); ZOConfig."
+                         "perturbation_parallel and direction_parallel need the engine API with "
+                         "zo2.distributed.shard_batch")
+    default_lr = ZOConfig.__dataclass_fields__["lr"].default
+    if config.lr not in (default_lr, args.learning_rate):
+        logger.warning("ZOConfig.lr=%g is ignored: the trainer's lr is TrainingArguments.learning_rate=%g "
+                       "(with its schedule)", config.lr, args.learning_rate)
 
 
 def _tokens(inputs: dict[str, Any]) -> int:
@@ -162,35 +169,30 @@ class ZOTrainerMixin:
             if getattr(self, attribute, None) is not None:
                 raise ValueError(f"{name} does not take {attribute}: {why}")
         self.zo_engine = self._zo_engine(zo_config)
-        # The engine owns placement: accelerate must neither move the model nor wrap it in DDP.
-        self.model._is_accelerate_prepared = True
+        mark_placed(self.model)  # the engine owns placement: no move, no DDP wrapper
         self._zo_results: list[StepResult] = []
         self._zo_tokens = 0
         self._zo_since: float | None = None
 
     def _zo_engine(self, zo_config: ZOConfig | None) -> ZOEngine:
-        existing = getattr(self.model, "zo_engine", None)
-        if existing is not None:
-            if zo_config is not None and zo_config != existing.config:
-                raise ValueError("the model already has a zo_engine (model.zo_init) with another config: "
-                                 "pass zo_config=None to use it")
-            if self.args.world_size > 1 and existing.role.all_reduce is None:
-                raise ValueError("under torchrun pass zo_config=... so that the trainer builds a distributed engine "
-                                 "(model.zo_init builds a single-process one)")
-            return existing
-        if zo_config is None:
-            raise ValueError(f"{type(self).__name__} needs zo_config=ZOConfig(...) (or a model on which "
-                             "model.zo_init(config) was called)")
-        if zo_config.perturbation_parallel > 1 or zo_config.direction_parallel > 1:
-            raise ValueError("ZO trainers shard the data over all processes (data parallel); ZOConfig."
-                             "perturbation_parallel and direction_parallel need the engine API with "
-                             "zo2.distributed.shard_batch")
-        default_lr = ZOConfig.__dataclass_fields__["lr"].default
-        if zo_config.lr not in (default_lr, self.args.learning_rate):
-            logger.warning("ZOConfig.lr=%g is ignored: the trainer's lr is TrainingArguments.learning_rate=%g "
-                           "(with its schedule)", zo_config.lr, self.args.learning_rate)
-        config = _placed(zo_config, self.args.device)
-        return ZOEngine(self.model, config, role=role_for(config))
+        """The model's own engine (``model.zo_init``), or one built from ``zo_config`` exactly as
+        ``zo_init`` builds it (:func:`zo2.hf.engine_for_this_process`): data parallel under a launcher."""
+        engine = getattr(self.model, "zo_engine", None)
+        if engine is None:
+            if zo_config is None:
+                raise ValueError(f"{type(self).__name__} needs zo_config=ZOConfig(...) (or a model on which "
+                                 "model.zo_init(config) was called)")
+            _check_zo_config(zo_config, self.args)
+            return engine_for_this_process(self.model, zo_config)
+        if zo_config is not None and on_this_rank(zo_config) != engine.config:
+            raise ValueError("the model already has a zo_engine (model.zo_init) with another config: "
+                             "pass zo_config=None to use it")
+        if self.args.world_size > 1 and engine.role.all_reduce is None:
+            raise ValueError(f"{self.args.world_size} processes train, but the model's zo_engine was built for one "
+                             "process: call model.zo_init(config) in every process the launcher started, or pass "
+                             "zo_config=... to the trainer")
+        _check_zo_config(engine.config, self.args)
+        return engine
 
     # ------------------------------------------------------------------------ optimizer, placement
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
@@ -262,8 +264,7 @@ class ZOTrainerMixin:
                                                    "extra": {"global_step": self.state.global_step}})
         save_seed_log(engine, directory / SEED_LOG_NAME)
         write_manifest(directory, step=self.state.global_step)
-        rotate_checkpoints(output_dir=str(run_dir), save_total_limit=limit,
-                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        rotate_checkpoints(self, run_dir, limit)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """Trainer.train; a checkpoint to resume from must be complete and intact (CheckpointError
@@ -300,6 +301,8 @@ class ZOTrainer(ZOTrainerMixin, Trainer):
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None and hasattr(self.model, "zo_training"):
             # model.zo_init replaced forward by (*args, **kwargs): keep the columns the class's forward takes
-            columns = inspect.signature(type(self.model).forward).parameters
+            # (a peft model's own forward may take *args, **kwargs too: its base model's names the columns)
+            inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            columns = inspect.signature(type(inner).forward).parameters
             self._signature_columns = [*columns, "label", "label_ids", *self.label_names]
         super()._set_signature_columns_if_needed()

@@ -1,0 +1,30 @@
+"""The ``zo2 finetune`` job: data and model, evaluation, MeZO (or a first-order baseline) training with
+periodic evaluation, checkpoints, best-weights keeping, time budgets, Ctrl-C handling and exact
+resume, then a summary and a loss-curve PNG. ``cli.py`` parses the arguments; :func:`run` takes them
+as an ``argparse.Namespace``.
+
+* :mod:`.model`: the model folder check and loading (the embedded SmolLM2 is converted once, cached).
+* :mod:`.data`: the task and its train/eval examples.
+* :mod:`.job`: :class:`Run`, the training loop, evaluation and saving.
+* :mod:`.budget`, :mod:`.interrupt`: ``--max-seconds``/``--max-run-seconds`` and Ctrl-C.
+* :mod:`.folders`: output folders written atomically, with hard links instead of second copies.
+* :mod:`.summary`: ``summary.json``.
+
+Output folder layout::
+
+    summary.json, loss_curve.png
+    checkpoints/step-000040/   the latest checkpoints (HF model + tokenizer + zo2 state); --resume uses them
+    best/                      the best eval metric, once a step beats the start (hard links to a checkpoint)
+    final/                     first-order runs: the last weights (hard links to best/ when the same step)
+"""
+from .command import latest_resumable, run
+from .data import EMBEDDED_DATA, GENERIC_TASKS, Data, load_data
+from .interrupt import RunInterrupted
+from .job import RESUME_KEYS, Run
+from .model import (EMBEDDED_GGUF, EMBEDDED_MODEL, cache_dir, check_model_folder, load_embedded_model,
+                    load_local_model, save_atomically)
+from .summary import build_summary
+
+__all__ = ["run", "latest_resumable", "EMBEDDED_DATA", "GENERIC_TASKS", "Data", "load_data", "RunInterrupted",
+           "RESUME_KEYS", "Run", "EMBEDDED_GGUF", "EMBEDDED_MODEL", "cache_dir", "check_model_folder",
+           "load_embedded_model", "load_local_model", "save_atomically", "build_summary"]
