@@ -105,7 +105,7 @@ def _staging_path(folder: Path, args, direct: bool | None) -> tuple[list[Path], 
 
     mode = "O_DIRECT" if store.direct else "buffered + DONTNEED"
     read = {f"zo2 staging path ({mode}; reader thread, 2 slots)": _timed(reads, paths, args.repeats)}
-    slot = scheduler.pool.raw[0]  # a write-back writes from a slot
+    slot = scheduler.pool.buffers[0]  # a write-back writes from a slot
     write = {f"zo2 write-back ({mode}; temporary file, fdatasync, rename)":
              _timed(lambda: [store.write(u.index, slot, applied=0) for u in units], paths, args.repeats)}
     scheduler.close()

@@ -31,6 +31,7 @@ import os
 import shutil
 import threading
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -276,14 +277,11 @@ class DiskStore:
         try:
             if not self.direct and hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger read-ahead window
-            views, done = [_raw(self._header), _raw(buffer[:size])], 0
-            total = HEADER_BYTES + size
-            while done < total:  # O_DIRECT reads of regular files are whole in practice; loop to be sure
-                count = os.preadv(fd, views, done)
-                if count == 0:
-                    raise DiskOffloadError(f"{path}: truncated ({done} of {total} bytes)")
-                done += count
-                views = _remaining(views, count)
+            if self.direct:  # no kernel read-ahead: keep several requests in flight ourselves
+                _pread_whole(fd, [_raw(self._header)], 0, path)
+                _pread_concurrently(fd, _raw(buffer[:size]), HEADER_BYTES, path)
+            else:
+                _pread_whole(fd, [_raw(self._header), _raw(buffer[:size])], 0, path)
             self._drop_cache(fd)
         finally:
             os.close(fd)
@@ -421,6 +419,36 @@ def build_buffer(store: DiskStore | None) -> torch.Tensor | None:
 
 def _keep(param: nn.Parameter, view: torch.Tensor) -> None:
     """A resumed unit's weights are in its file: nothing to copy."""
+
+
+#: O_DIRECT reads are split into pieces of this size, ``_READ_DEPTH`` in flight at once: one synchronous
+#: request at a time leaves the device idle between requests (measured on a virtio disk: 0.74 GB/s with
+#: one 256 MiB request, against 1.9 GB/s through the page cache, whose read-ahead overlaps requests).
+_READ_PIECE = 16 << 20
+_READ_DEPTH = 4
+
+
+def _pread_whole(fd: int, views: list[memoryview], offset: int, path: Path) -> None:
+    """Fill ``views`` from ``fd`` at ``offset``, looping over short reads; a file that ends early raises."""
+    total, done = sum(len(v) for v in views), 0
+    while done < total:  # reads of regular files are whole in practice; loop to be sure
+        count = os.preadv(fd, views, offset + done)
+        if count == 0:
+            raise DiskOffloadError(f"{path}: truncated ({offset + done} of {offset + total} bytes)")
+        done += count
+        views = _remaining(views, count)
+
+
+def _pread_concurrently(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    """Fill ``view`` from ``fd`` at ``offset`` in aligned pieces read by a few threads (``os.preadv``
+    releases the GIL), so the device sees a queue of requests."""
+    pieces = [(start, view[start:start + _READ_PIECE]) for start in range(0, len(view), _READ_PIECE)]
+    if len(pieces) == 1:
+        _pread_whole(fd, [view], offset, path)
+        return
+    with ThreadPoolExecutor(max_workers=_READ_DEPTH, thread_name_prefix="zo2-read") as pool:
+        for future in [pool.submit(_pread_whole, fd, [piece], offset + start, path) for start, piece in pieces]:
+            future.result()
 
 
 def _remaining(views: list[memoryview], count: int) -> list[memoryview]:
