@@ -62,6 +62,35 @@ def test_disk_offload_across_architectures(tmp_path, arch):
     assert torch.equal(weights(resident), weights(on_disk))
 
 
+def _frozen_attention_model():
+    model = make_model("llama", num_hidden_layers=4)
+    for name, param in model.named_parameters():
+        if "self_attn" in name:
+            param.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("offload_trainable", [False, True])
+def test_frozen_parts_on_disk_are_read_and_never_rewritten(tmp_path, offload_trainable):
+    """Frozen attention beside trainable MLPs: the frozen units live on disk
+    (and the trainable ones too with offload_trainable=True); training equals resident training bitwise,
+    and no frozen unit's file is ever rewritten (it holds the weights it was built with)."""
+    config = dict(write_back_every=2)
+    resident = ZOEngine(_frozen_attention_model(), _config(zo2=False, **config))
+    on_disk = ZOEngine(_frozen_attention_model(), _config(offloading_device="disk", offload_dir=str(tmp_path),
+                                                          offload_trainable=offload_trainable, **config))
+    frozen = [u for u in on_disk.units if not u.trainable]
+    assert frozen and all(on_disk.store.holds(u) for u in frozen)
+    trainable_blocks = [u for u in on_disk.units if u.trainable and u.name.startswith("block")]
+    assert all(on_disk.store.holds(u) == offload_trainable for u in trainable_blocks)
+    writes_at_start = on_disk.store.writes
+    assert [r.projected_grad for r in _train(resident)] == [r.projected_grad for r in _train(on_disk)]
+    assert torch.equal(weights(resident), weights(on_disk))
+    assert all(on_disk.store.applied(u.index) == 0 for u in frozen)
+    expected_writes = len(trainable_blocks) * (STEPS // 2) if offload_trainable else 0
+    assert on_disk.store.writes - writes_at_start == expected_writes
+
+
 def test_host_budget_keeps_leading_blocks_in_memory_and_the_rest_on_disk(tmp_path):
     model = make_model("llama", num_hidden_layers=4)
     config = _config(offloading_device="disk", offload_dir=str(tmp_path))
