@@ -484,7 +484,7 @@ class ZOEngine:
         for unit in self.units:
             where = f"{unit.master.device} ({'offloaded' if unit.offloaded else 'resident'}"
             if self.store is not None and self.store.holds(unit):
-                where = f"disk: {self.store.path(unit.index).name}"
+                where = f"disk ({self.store.path(unit.index).name}"
             where += ")" if unit.trainable else ", frozen)"
             rows.append(f"{unit.name:<14}{unit.numel:>14,}  {str(unit.master.dtype).replace('torch.', ''):<10}{where}")
         return "\n".join(rows)
