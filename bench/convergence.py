@@ -243,6 +243,8 @@ def main() -> None:
     parser.add_argument("--no-first-order", dest="first_order", action="store_false")
     parser.add_argument("--max-seconds", type=float, default=0.0, help="stop starting runs after this long (0: none)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/convergence"))
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the methods already in --out/results.json (same settings) and run the rest")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("zo2").setLevel(logging.WARNING)
@@ -254,11 +256,13 @@ def main() -> None:
     data = _splits(args)
     results: dict[str, Any] = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                                "torch_threads": torch.get_num_threads(), "methods": {}}
+    if args.resume and (args.out / "results.json").exists():
+        results["methods"] = _previous_methods(args)
     results["zero_shot"] = _evaluate(model.eval(), encoder, data[2], args.eval_batch_size)
     untrained_val = _evaluate(model, encoder, data[1], args.eval_batch_size)
     logger.info("zero-shot test accuracy %.4f, validation %.4f", results["zero_shot"]["accuracy"],
                 untrained_val["accuracy"])
-    for name in args.methods:
+    for name in [m for m in args.methods if m not in results["methods"]]:
         if args.max_seconds and time.perf_counter() - started > args.max_seconds:
             logger.warning("--max-seconds spent: %s and later methods not run", name)
             break
@@ -275,6 +279,22 @@ def main() -> None:
     results["seconds"] = time.perf_counter() - started
     _write(results, args.out)
     print(table(results))
+
+
+#: Settings that must match for an earlier run's methods to be kept by ``--resume``.
+_RESUME_KEYS = ("forward_passes", "search_factors", "search_fraction", "eval_points", "batch_size", "max_length",
+                "train_examples", "val_examples", "eval_examples", "seeds")
+
+
+def _previous_methods(args: argparse.Namespace) -> dict:
+    """The methods of ``--out/results.json``; refuses a file made with other settings."""
+    previous = json.loads((args.out / "results.json").read_text())
+    changed = [k for k in _RESUME_KEYS if previous["args"].get(k) != getattr(args, k)]
+    if changed:
+        raise SystemExit(f"--resume: {args.out / 'results.json'} was made with other {', '.join(changed)}; "
+                         "use the same settings or another --out")
+    logger.info("--resume: keeping %s", ", ".join(previous["methods"]) or "no methods")
+    return previous["methods"]
 
 
 def _write(results: dict, out: Path) -> None:
