@@ -109,6 +109,10 @@ def _data_parallel(flow: str, output_file: str, steps: str, batch: str) -> None:
     trainer.train()
     if dist.get_rank() == 0:
         torch.save(run_summary(trainer), output_file)
+    # Leave together and tear the group down before the interpreter exits: a rank that exits while
+    # gloo's threads still serve the other one can abort ("terminate called without an active exception").
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
