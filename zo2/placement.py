@@ -153,8 +153,7 @@ def place(model: nn.Module, partition: Partition, config: ZOConfig, device: torc
                 len(partition.blocks) - blocks.count("device"), len(partition.blocks),
                 f", {blocks.count('disk')} on disk" if store is not None else "",
                 (on_device + moved - frozen) / 1e6, frozen / 1e6)
-    offload = {i for i, u in enumerate(units) if u.offloaded}
-    streams = bool(offload)
+    streams = any(u.offloaded for u in units)
     module_ok = partition.matrices_read_by_owner
     if streams and not module_ok and config.perturbation_scope == "auto" and device.type == "cuda":
         logger.info("zo2: %s reads weight matrices outside their modules; perturbing whole units",
