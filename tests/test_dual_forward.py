@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from zo2 import ZOConfig, ZOEngine, noise
+from zo2 import ZOConfig, ZOEngine, dual, noise
 from zo2.losses import causal_lm_loss
 from conftest import ARCHS, make_batch, make_model
 
@@ -150,3 +150,19 @@ def test_non_finite_loss_records_no_update():
     with pytest.raises(FloatingPointError, match="no update was recorded"):
         engine.step(batch)
     assert engine.history == [] and engine.step_count == 0
+
+
+def test_only_a_plain_bias_free_linear_writes_its_parts_in_place():
+    """The LM head's parts write into one output (no concatenated copy of the logits) only when that is
+    the same computation as the module's own forward."""
+    head, x = torch.nn.Linear(8, 5, bias=False), torch.randn(4, 3, 8)
+    with torch.no_grad():
+        assert dual.writes_parts_in_place(head, head.forward, (x,), {})
+        out = torch.empty(4, 3, 5)
+        dual.linear_part_into(head, x, out)
+        assert torch.equal(out, head(x))
+        biased = torch.nn.Linear(8, 5)
+        assert not dual.writes_parts_in_place(biased, biased.forward, (x,), {})
+        assert not dual.writes_parts_in_place(head, lambda t: head(t) * 2, (x,), {})  # forward replaced
+        assert not dual.writes_parts_in_place(head, head.forward, (x,), {"scale": 2})
+    assert not dual.writes_parts_in_place(head, head.forward, (x,), {})  # autograd on: outputs need history

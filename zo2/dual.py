@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
+from torch import nn
 from transformers.utils import ModelOutput
 
 Path = tuple
@@ -166,6 +167,21 @@ def merge_outputs(spec: MemberSpec, outputs: list[Any], part_batch: int, inputs_
         return torch.cat(tensors)
 
     return tree_zip(merge, *outputs)
+
+
+def writes_parts_in_place(module: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> bool:
+    """Whether the parts of this call can write straight into one merged output (:func:`linear_part_into`)
+    instead of being concatenated: a bias-free ``nn.Linear`` running its own forward on one tensor, without
+    autograd or autocast. For the LM head this saves a copy of the whole logits (K x batch x T x vocab)."""
+    return (type(module) is nn.Linear and module.bias is None and getattr(forward, "__func__", None) is nn.Linear.forward
+            and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled(args[0].device.type))
+
+
+def linear_part_into(module: nn.Linear, part_input: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[:] = module(part_input)``, bit for bit: a bias-free ``F.linear`` is ``matmul(x, W^T)``, and the
+    out= form runs the same matrix product with the same shapes into the given rows."""
+    torch.matmul(part_input, module.weight.t(), out=out)
 
 
 def replicate_batch(inputs: dict[str, Any], batch_size: int, parts: int) -> dict[str, Any]:

@@ -89,7 +89,24 @@ class Walk:
         else:
             spec = self.specs.get(name, dual.MemberSpec())
             pieces, was_split = dual.split_inputs(spec, args, kwargs, self.part_batch, count, name)
-        outputs = []
+        module = entry.member.module
+        merged = None  # parts that write into one output need no merge
+        if was_split and dual.writes_parts_in_place(module, entry.forward, args, kwargs):
+            merged = args[0].new_empty(*args[0].shape[:-1], module.out_features)
+        outputs = self._run_parts(entry, pieces, merged)
+        if count == 1:
+            self._keep_aliased(entry, outputs[0])
+        self._done(entry)
+        if count == 1:
+            return outputs[0]
+        if merged is not None:
+            return merged
+        return dual.merge_outputs(spec, outputs, self.part_batch, was_split, name)
+
+    def _run_parts(self, entry: Wrapped, pieces: list, merged: torch.Tensor | None) -> list:
+        """Each part's output of ``entry``, under that part's weights; with ``merged``, the parts write
+        their rows of it (a plain Linear) and the outputs are those rows."""
+        outputs, row = [], 0
         for part, (part_args, part_kwargs) in enumerate(pieces):
             self.part = part
             for param, unit, k in entry.refs:
@@ -97,15 +114,15 @@ class Walk:
                 if view is not None:
                     param.data = view
             self.ctx.scope.enter_part(self, entry.matrices)
-            output = entry.forward(*part_args, **part_kwargs)
+            if merged is None:
+                output = entry.forward(*part_args, **part_kwargs)
+            else:
+                output = merged[row:row + part_args[0].shape[0]]
+                dual.linear_part_into(entry.member.module, part_args[0], output)
+                row += output.shape[0]
             self.ctx.scope.leave_part(self, entry.matrices, output)
             outputs.append(output)
-        if count == 1:
-            self._keep_aliased(entry, outputs[0])
-        self._done(entry)
-        if count == 1:
-            return outputs[0]
-        return dual.merge_outputs(spec, outputs, self.part_batch, was_split, name)
+        return outputs
 
     def _keep_aliased(self, entry: Wrapped, output: Any) -> None:
         """An unmerged output that is a view of a perturbed copy keeps that copy out of the pool."""
