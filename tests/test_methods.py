@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from zo2 import Update, ZOConfig, ZOConfigError, ZOEngine, noise, replay
-from zo2.engine import Role
+from zo2.role import Role
 from zo2.losses import causal_lm_loss
 from zo2.methods import METHODS, Decision, Method, Part
 from conftest import make_batch, make_model, masters

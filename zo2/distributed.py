@@ -34,7 +34,8 @@ import torch.distributed as dist
 
 from . import checkpoint
 from .config import ZOConfig
-from .engine import Role, ZOEngine
+from .engine import ZOEngine
+from .role import Role
 from .scheduler import TransferScheduler
 from .storage import SlotPool, Unit
 

@@ -9,8 +9,8 @@ offloaded block crosses the bus once up and once down per walk.
 
 A step is ``accumulate`` (every walk of a micro-batch, adding per-part loss sums and counts) then
 ``commit`` (one all-reduce of those statistics when distributed, then the method's decision). A
-``Role`` says which parts this process computes, which is all data, perturbation and direction
-parallelism need from the engine. Placement is :mod:`zo2.placement`, perturbation scopes
+``Role`` (:mod:`zo2.role`) says which parts this process computes, which is all data, perturbation
+and direction parallelism need from the engine. Placement is :mod:`zo2.placement`, perturbation scopes
 :mod:`zo2.scope`, member wrapping :mod:`zo2.wrapping`, transfers :mod:`zo2.scheduler`.
 """
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -32,6 +31,8 @@ from .methods import Part, method_class
 from .models import UnsupportedModelError, find_partition, no_cache_kwargs
 from .objectives import Objective
 from .placement import WeightSource, place
+from .result import StepResult
+from .role import STATS_COLUMNS, Role
 from .scheduler import TransferScheduler
 from .staging import DiskTransferScheduler
 from .scope import SCOPES, Matrix
@@ -40,66 +41,6 @@ from .walk import Walk, WalkContext
 from .wrapping import Wrapped, unwrap, wrap
 
 logger = logging.getLogger(__name__)
-
-SIDES = {"plus": 1, "minus": -1}
-#: Columns of the per-part statistics: loss sum and count (target tokens, or rows).
-STATS_COLUMNS = ("loss_sum", "count")
-
-
-@dataclass(frozen=True)
-class Role:
-    """What this process computes of each step, and how its statistics meet the other processes'.
-
-    A single process computes every part. Distributed modes give each process some: data parallel
-    (same role, a shard of the batch), perturbation parallel (the +eps or the -eps parts), multi-
-    direction (the parts of some directions); ``all_reduce`` sums the [parts, 2] float64 statistics
-    (see ``STATS_COLUMNS``) over all processes, zeros standing for what a process did not compute.
-    """
-
-    directions: tuple[int, ...] | None = None
-    """Directions (0 .. q-1) this process evaluates; ``None``: all of them."""
-    sides: tuple[str, ...] = ("plus", "minus")
-    """``("plus", "minus")``, ``("plus",)`` or ``("minus",)``; unperturbed (clean) parts go with any side."""
-    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
-    """Returns the elementwise sum over all processes of a float64 CPU tensor; ``None``: one process."""
-    make_scheduler: Callable[[list[Unit], SlotPool, torch.device], TransferScheduler] | None = None
-    """Builds the transfer scheduler of the offloaded units (e.g. sliced transfers); ``None``: the default."""
-
-    def __post_init__(self) -> None:
-        if not self.sides or len(set(self.sides)) != len(self.sides) or not set(self.sides) <= set(SIDES):
-            raise ValueError(f"Role.sides={self.sides!r} is invalid: expected ('plus', 'minus'), ('plus',) "
-                             "or ('minus',)")
-        if self.directions is not None and (not self.directions or any(d < 0 for d in self.directions)):
-            raise ValueError(f"Role.directions={self.directions!r} is invalid: expected None or non-empty "
-                             "direction indices >= 0")
-
-    def selects(self, part: Part) -> bool:
-        """Whether this process computes ``part``."""
-        return ((self.directions is None or part.direction in self.directions)
-                and (part.side == "clean" or part.side in self.sides))
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """What one ZO step measured and decided."""
-
-    loss: float
-    """The method's training loss: the +eps pass for two-sided methods (what ZO2's ``model(...)`` returns
-    in training mode; the mean over directions when ``num_directions > 1``), theta's own for fzoo."""
-    loss_minus: float
-    """The -eps pass (two-sided methods), or the mean perturbed loss (one-sided)."""
-    projected_grad: float
-    """g = (loss - loss_minus) / (2 eps) for MeZO: the directional derivative along z (mean over directions)."""
-    lr: float
-    seed: int
-    """Seed of z for this step's first direction (a pure function of the config seed and the step)."""
-    step: int
-    updates: tuple[Update, ...] = ()
-    """The updates recorded by this step (one per direction)."""
-    losses: tuple[float, ...] = ()
-    """The mean loss of every part of the step, in the method's part order."""
-    eps: float = math.nan
-    """The perturbation scale of this step (``ZOConfig.eps`` under ``eps_scheduler``)."""
 
 
 class ZOEngine:

@@ -30,7 +30,8 @@ from transformers import PreTrainedModel
 
 from .config import ZOConfig
 from .distributed import role_for
-from .engine import StepResult, ZOEngine
+from .engine import ZOEngine
+from .result import StepResult
 
 
 def on_this_rank(config: ZOConfig) -> ZOConfig:

@@ -39,7 +39,8 @@ from torch import nn
 from . import compat
 from .config import ZOConfig
 from .disk import MASTER, DiskOffloadError
-from .engine import Role, ZOEngine
+from .engine import ZOEngine
+from .role import Role
 from .history import UpdateLog
 from .placement import WeightSource
 from .shards import INDEX_NAME, CheckpointReader, ShardError, write_shard

@@ -42,7 +42,8 @@ from ..checkpoint import (SEED_LOG_NAME, STATE_NAME, CheckpointError, latest_che
                           save_seed_log, write_json_atomic, write_manifest)
 from ..compat import mark_placed, rotate_checkpoints
 from ..config import ZOConfig
-from ..engine import StepResult, ZOEngine
+from ..engine import ZOEngine
+from ..result import StepResult
 from ..hf import engine_for_this_process, on_this_rank
 
 logger = logging.getLogger(__name__)
