@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from .. import kernels, noise
+from .. import kernels
 from ..storage import Unit
 from .base import Method, chunks_of, decay, options_error, store, working_copy
 
@@ -64,7 +64,8 @@ class AdaMeZO(Method):
         estimate = torch.zeros(count, dtype=torch.float32, device=device)
         for update in updates:
             weight = update.lr / total_lr if total_lr else 1.0 / len(updates)
-            z = noise.generate(self.config.noise, update.seed, unit.index, start, count, device=device)
+            z = kernels.generate(self.config.noise, update.seed, unit.index, start, count, device=device,
+                                 backend=self.config.kernels)
             estimate.add_(z, alpha=weight * update.projected_grad)
         return estimate
 
@@ -90,7 +91,7 @@ class AdaMeZO(Method):
                 work = working_copy(chunk)
                 decay(work, unit, start, 1.0 - lr * self.config.weight_decay)
                 work.add_(direction.to(work.dtype), alpha=-lr)
-                store(chunk, work, unit, start, updates[0].seed)
+                store(chunk, work, unit, start, updates[0].seed, self.config.kernels)
 
     def update_and_perturb(self, buffer: torch.Tensor, unit: Unit, steps: range, seed: int, eps: float,
                            signs: Sequence[int], *, offset: int = 0,

@@ -170,13 +170,14 @@ def working_copy(chunk: torch.Tensor) -> torch.Tensor:
     return chunk.float() if chunk.dtype in LOW_PRECISION else chunk
 
 
-def store(chunk: torch.Tensor, work: torch.Tensor, unit: Unit, start: int, seed: int) -> None:
+def store(chunk: torch.Tensor, work: torch.Tensor, unit: Unit, start: int, seed: int, backend: str) -> None:
     """Write ``work`` (from :func:`working_copy`) back into ``chunk``; low-precision masters round
-    stochastically with the draws of ``seed``'s rounding stream (as the kernels do)."""
+    stochastically with the draws of ``seed``'s rounding stream (as the kernels do), generated under
+    ``backend`` (``ZOConfig.kernels``)."""
     if work is chunk:
         return
-    uniform = noise.generate("uniform", seed, unit.index, start, chunk.numel(), stream=noise.ROUNDING_STREAM,
-                             device=chunk.device)
+    uniform = kernels.generate("uniform", seed, unit.index, start, chunk.numel(), stream=noise.ROUNDING_STREAM,
+                               device=chunk.device, backend=backend)
     chunk.copy_(kernels.stochastic_round(work, chunk.dtype, uniform))
 
 

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .. import kernels, noise
+from .. import kernels
 from ..storage import Unit
 from .base import Method, chunks_of, decay, options_error, store, working_copy
 
@@ -93,9 +93,10 @@ class SparseMeZO(Method):
                 for update in self.log.step_updates(step):
                     work = working_copy(chunk)
                     decay(work, unit, start, 1.0 - update.lr * cfg.weight_decay)
-                    z = noise.generate(cfg.noise, update.seed, unit.index, start, chunk.numel(), device=chunk.device)
+                    z = kernels.generate(cfg.noise, update.seed, unit.index, start, chunk.numel(),
+                                         device=chunk.device, backend=cfg.kernels)
                     work.add_(z.mul_(mask).to(work.dtype), alpha=-update.lr * update.projected_grad)
-                    store(chunk, work, unit, start, update.seed)
+                    store(chunk, work, unit, start, update.seed, cfg.kernels)
 
     def update_and_perturb(self, buffer: torch.Tensor, unit: Unit, steps: range, seed: int, eps: float,
                            signs: Sequence[int], *, offset: int = 0,
