@@ -45,6 +45,21 @@ def test_kernel_noise_is_zo2_noise(kind, stream, seed, unit, start, count):
     assert torch.equal(cpu_fused.generate(kind, seed, unit, start, count, stream=stream), expected)
 
 
+@pytest.mark.parametrize("backend", ["auto", "cpu", "torch"])
+@pytest.mark.parametrize("kind,stream", [("gaussian", 0), ("rademacher", 0), ("uniform", noise.ROUNDING_STREAM)])
+def test_the_methods_generator_is_zo2_noise_under_every_backend(backend, kind, stream, monkeypatch):
+    """kernels.generate (plain-torch update rules: sparse-mezo, adamezo) takes the kernel's generator
+    under "auto"/"cpu" and zo2.noise under "torch": the same bits either way."""
+    calls = []
+    monkeypatch.setattr(cpu_fused, "generate", lambda *a, _real=cpu_fused.generate, **k: calls.append(a) or _real(*a, **k))
+    expected = noise.generate(kind, 2**63 + 9, 4, noise.CHUNK - 700, 3000, stream=stream)
+    assert torch.equal(kernels.generate(kind, 2**63 + 9, 4, noise.CHUNK - 700, 3000, stream=stream, backend=backend),
+                       expected)
+    assert len(calls) == (backend != "torch")
+    with pytest.raises(ValueError, match="unknown"):
+        kernels.generate(kind, 1, 0, 0, 10, backend="fastest")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
 @pytest.mark.parametrize("n,n_decay,signs,offset", [(3001, 1499, (1, -1), 0), (2048, 2048, (-1,), 5),
