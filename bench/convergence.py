@@ -49,7 +49,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "fzoo": dict(lr=3e-8, num_directions=4),
     "sparse-mezo": dict(lr=3e-5, method_options={"sparsity": 0.75}),
     "adamezo": dict(lr=3e-6, method_options={"horizon": 8}),
-    "meazo": dict(lr=1e-5),
+    "meazo": dict(lr=3e-4),  # lr / sqrt(v): a normalised step; MeZO-SGD's best lr x its typical |g| (~10)
 }
 
 
