@@ -100,9 +100,6 @@ def generate(kind: str, seed: int, unit: int, start: int, count: int, *, stream:
     """:func:`zo2.noise.generate` for the plain-torch update rules of some methods: on the CPU, under
     ``backend`` "auto" (when the kernel builds) or "cpu", by the fused kernel's generator, which gives the
     same bits about ten times faster than the torch path; elsewhere by :mod:`zo2.noise` itself."""
-    if backend not in BACKENDS:
-        raise ValueError(f"kernel backend {backend!r} is unknown; expected one of {list(BACKENDS)}")
-    if torch.device(device).type == "cpu" and backend in ("auto", "cpu"):
-        if resolve(torch.empty(0), backend) == "cpu":  # raises for "cpu" when the kernel cannot be built
-            return cpu_fused.generate(kind, seed, unit, start, count, stream=stream)
+    if torch.device(device).type == "cpu" and resolve(torch.empty(0), backend) == "cpu":  # validates backend
+        return cpu_fused.generate(kind, seed, unit, start, count, stream=stream)
     return noise.generate(kind, seed, unit, start, count, stream=stream, device=device)
