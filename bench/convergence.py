@@ -37,7 +37,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from zo2 import ZOConfig, ZOEngine, candidate_cross_entropy, tasks
-from zo2.finetune import load_embedded_model
+from zo2.cli.finetune import load_embedded_model
 
 logger = logging.getLogger("convergence")
 

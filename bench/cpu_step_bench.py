@@ -42,7 +42,7 @@ def _batch(vocab_size: int, batch_size: int, length: int):
 def _floor_step(model, batch):
     import torch
 
-    from zo2.losses import causal_lm_loss
+    from zo2.objectives.task_loss import causal_lm_loss
 
     doubled = {k: torch.cat([v, v]) for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
@@ -55,7 +55,7 @@ def _mezo_step(model, batch, seed: int, lr: float = 1e-6, eps: float = 1e-3) -> 
     """MeZO-SGD, Algorithm 1 of arXiv 2305.17333: z regenerated from the seed for every pass."""
     import torch
 
-    from zo2.losses import causal_lm_loss
+    from zo2.objectives.task_loss import causal_lm_loss
 
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -85,7 +85,7 @@ def _run_one(config: str, args: argparse.Namespace) -> dict:
     import torch
 
     from zo2 import ZOConfig, ZOEngine
-    from zo2.finetune import load_embedded_model
+    from zo2.cli.finetune import load_embedded_model
 
     _, model = load_embedded_model(torch.float32)
     model.eval()

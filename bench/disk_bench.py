@@ -7,7 +7,7 @@ and a model with 8x the bytes of a host-memory cap trained from disk.
 Throughput: ``--size`` bytes of zo2 unit files (``--unit-mb`` each) are written by zo2's store, then read
 back cold (every file's pages dropped first) five ways: ``dd iflag=direct``, ``dd`` through the page
 cache, a plain Python sequential ``readinto`` of 64 MiB, and zo2's staging path (the real
-:class:`zo2.staging.DiskTransferScheduler`: its I/O thread reading every unit ahead into the aligned
+:class:`zo2.offload.disk.staging.DiskTransferScheduler`: its I/O thread reading every unit ahead into the aligned
 slots, double-buffered, the consumer taking them in order); writes: ``dd oflag=direct`` and zo2's
 write-then-rename (with its fsyncs). Each is the median of ``--repeats``.
 
@@ -71,10 +71,10 @@ def _plain_read(paths) -> None:
 
 def _units_and_store(folder: Path, size: int, unit_bytes: int, direct: bool | None):
     """zo2 unit files of ``size`` bytes in ``folder``, written by zo2's store; (units, store, log)."""
-    from zo2.aligned import aligned_empty
-    from zo2.disk import MASTER, DiskStore, StoredBuffer, placeholder
-    from zo2.history import UpdateLog
-    from zo2.storage import Unit
+    from zo2.offload.disk.aligned import aligned_empty
+    from zo2.offload.disk.store import MASTER, DiskStore, StoredBuffer, placeholder
+    from zo2.updates.log import UpdateLog
+    from zo2.units.storage import Unit
 
     count, numel = max(1, size // unit_bytes), unit_bytes // 4
     buffers = [StoredBuffer(i, MASTER, f"block.{i}", torch.float32, numel) for i in range(count)]
@@ -90,7 +90,7 @@ def _units_and_store(folder: Path, size: int, unit_bytes: int, direct: bool | No
 
 def _staging_path(folder: Path, args, direct: bool | None) -> tuple[list[Path], dict, dict]:
     """Read and write rates (median seconds) of zo2's own path on fresh unit files in ``folder``."""
-    from zo2.staging import DiskTransferScheduler
+    from zo2.offload.disk.staging import DiskTransferScheduler
 
     units, store, log = _units_and_store(folder, parse_bytes(args.size), args.unit_mb << 20, direct)
     paths = [store.path(u.index) for u in units]
@@ -156,7 +156,7 @@ def write_checkpoint(folder: Path, config) -> int:
     """A random-init checkpoint of ``config`` written one block per shard from a meta-device model."""
     from transformers import AutoModelForCausalLM
 
-    from zo2.shards import INDEX_NAME, write_shard
+    from zo2.persist.shards import INDEX_NAME, write_shard
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -28,7 +28,7 @@ import torch
 
 from zo2 import Update, kernels
 from zo2.kernels import update_and_perturb
-from zo2.storage import Unit
+from zo2.units.storage import Unit
 
 
 def _time(fn, repeats: int, cuda: bool) -> tuple[float, float]:

@@ -60,7 +60,7 @@ def test_seed_log_replays_to_the_saved_weights_bitwise(tmp_path, storage_dtype):
 
 def test_replay_command_writes_the_fine_tuned_model(tmp_path):
     from transformers import AutoModelForCausalLM
-    from zo2.cli import main
+    from zo2.cli.main import main
 
     make_model("opt").save_pretrained(tmp_path / "base")
     engine = ZOEngine(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), ZOConfig(**CONFIG))

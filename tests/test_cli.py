@@ -14,7 +14,9 @@ import torch
 from finetune_setup import TASK, data_file, finetune_args, model_dir, rows, tokenizer, weights  # noqa: F401
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from zo2 import cli, finetune, tasks
+from zo2 import cli
+from zo2.cli import finetune
+from zo2 import tasks
 from zo2.checkpoint import load_checkpoint
 
 # ------------------------------------------------------------------------------------- outputs

@@ -1,11 +1,10 @@
-"""zo2.compat: the private parts of transformers and torch the streaming load relies on still behave as
+"""zo2.persist.compat: the private parts of transformers and torch the streaming load relies on still behave as
 it expects (an upgrade that changes them fails here first)."""
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from zo2.compat import (UnsupportedCheckpointError, build_on_meta, checkpoint_names, initialize_missing_buffers,
-                        is_persistent)
+from zo2.persist.compat import UnsupportedCheckpointError, build_on_meta, checkpoint_names, initialize_missing_buffers, is_persistent
 from conftest import make_config, make_model
 
 

@@ -7,9 +7,10 @@ import logging
 import pytest
 import torch
 
-from zo2 import Update, ZOConfig, ZOEngine, kernels, noise
+from zo2 import Update, ZOConfig, ZOEngine, kernels
+from zo2.updates import noise
 from zo2.kernels import cpu_fused, torch_path
-from zo2.storage import Unit
+from zo2.units.storage import Unit
 from conftest import make_batch, make_model, masters
 
 pytestmark = pytest.mark.skipif(not cpu_fused.available(), reason="no C++ compiler: the fused CPU kernel is not built")
@@ -49,7 +50,7 @@ def test_kernel_noise_is_zo2_noise(kind, stream, seed, unit, start, count):
 @pytest.mark.parametrize("kind,stream", [("gaussian", 0), ("rademacher", 0), ("uniform", noise.ROUNDING_STREAM)])
 def test_the_methods_generator_is_zo2_noise_under_every_backend(backend, kind, stream, monkeypatch):
     """kernels.generate (plain-torch update rules: sparse-mezo, adamezo) takes the kernel's generator
-    under "auto"/"cpu" and zo2.noise under "torch": the same bits either way."""
+    under "auto"/"cpu" and zo2.updates.noise under "torch": the same bits either way."""
     calls = []
     monkeypatch.setattr(cpu_fused, "generate", lambda *a, _real=cpu_fused.generate, **k: calls.append(a) or _real(*a, **k))
     expected = noise.generate(kind, 2**63 + 9, 4, noise.CHUNK - 700, 3000, stream=stream)

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from zo2 import ZOConfig, ZOEngine
-from zo2 import aligned, disk
-from zo2.disk import DiskOffloadError, check_folder
+from zo2.offload.disk.aligned import ALIGN, live_buffer_bytes
+from zo2.offload.disk.store import HEADER_BYTES, DiskOffloadError, check_folder
 from zo2.loading import unit_weights
 from zo2.plan import BudgetError, block_locations, host_bytes, model_sizes, walk_shape
-from zo2.staging import staging_bytes
+from zo2.offload.disk.staging import staging_bytes
 from conftest import make_batch, make_model
 
 STEPS = 6
@@ -127,7 +127,7 @@ def test_write_back_every_k_writes_k_times_less(tmp_path):
 
 def _live_disk_buffer_bytes() -> int:
     gc.collect()
-    return aligned.live_buffer_bytes()
+    return live_buffer_bytes()
 
 
 @pytest.mark.parametrize("layers", [4, 12])
@@ -137,16 +137,16 @@ def test_the_backend_holds_its_staging_buffers_and_nothing_more(tmp_path, layers
     before = _live_disk_buffer_bytes()
     engine = ZOEngine(make_model("llama", num_hidden_layers=layers, hidden_size=64, intermediate_size=128),
                       _config(offloading_device="disk", offload_dir=str(tmp_path), write_back_every=2))
-    bound = staging_bytes(engine.store, engine.config.num_slots) + disk.HEADER_BYTES + aligned.ALIGN
+    bound = staging_bytes(engine.store, engine.config.num_slots) + HEADER_BYTES + ALIGN
     peaks = []
-    hooks = [block.register_forward_hook(lambda *_: peaks.append(aligned.live_buffer_bytes() - before))
+    hooks = [block.register_forward_hook(lambda *_: peaks.append(live_buffer_bytes() - before))
              for block in engine.model.model.layers]
     _train(engine, 3)
     engine.flush()
     for hook in hooks:
         hook.remove()
     block_bytes = engine.units[1].numel * 4
-    assert bound < 3 * block_bytes + 3 * aligned.ALIGN  # two slots of one block each, a header, alignment
+    assert bound < 3 * block_bytes + 3 * ALIGN  # two slots of one block each, a header, alignment
     assert max(peaks) == bound == _live_disk_buffer_bytes() - before
     for unit in engine.units[1:-1]:
         assert unit.master.untyped_storage().nbytes() == unit.master.element_size()
@@ -175,7 +175,7 @@ _READ_ONLY = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from conftest import make_model
     from zo2 import ZOConfig, ZOEngine
-    from zo2.disk import DiskOffloadError
+    from zo2.offload.disk.store import DiskOffloadError
     try:
         ZOEngine(make_model("llama"), ZOConfig(working_device="cpu", offloading_device="disk", offload_dir={folder!r}))
     except DiskOffloadError as err:

@@ -4,8 +4,10 @@ import copy
 import pytest
 import torch
 
-from zo2 import ZOConfig, ZOEngine, dual, noise
-from zo2.losses import causal_lm_loss
+from zo2 import ZOConfig, ZOEngine
+from zo2.walk import batching
+from zo2.updates import noise
+from zo2.objectives.task_loss import causal_lm_loss
 from conftest import ARCHS, make_batch, make_model
 
 
@@ -48,7 +50,7 @@ def test_dual_walk_equals_two_separate_forwards(arch):
 def test_calibration_on_cut_sequences_serves_long_padded_batches(arch, side):
     """Calibration forwards keep 8 positions of each row (both ends, so padding stays in them): a batch of
     40 positions, padded on either side, still walks exactly like two separate forwards."""
-    from zo2 import dual
+    from zo2.walk import batching
 
     batch = make_batch(length=40, padded=False)
     pads = slice(0, 25) if side == "left" else slice(15, 40)
@@ -56,8 +58,8 @@ def test_calibration_on_cut_sequences_serves_long_padded_batches(arch, side):
     batch["input_ids"][0, pads] = 0
     batch["labels"][0, pads] = -100
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    cut = dual.calibration_inputs(inputs, 4, torch.tensor([0, 1]))
-    assert cut["input_ids"].shape == (2, dual.CALIBRATION_TOKENS) and (cut["attention_mask"][0] == 0).any()
+    cut = batching.calibration_inputs(inputs, 4, torch.tensor([0, 1]))
+    assert cut["input_ids"].shape == (2, batching.CALIBRATION_TOKENS) and (cut["attention_mask"][0] == 0).any()
     base = make_model(arch)
     engine = ZOEngine(copy.deepcopy(base), ZOConfig(working_device="cpu", eps=1e-2))
     result = engine.step(batch)
@@ -65,10 +67,10 @@ def test_calibration_on_cut_sequences_serves_long_padded_batches(arch, side):
 
 
 def test_calibration_keeps_whole_rows_of_other_inputs():
-    from zo2 import dual
+    from zo2.walk import batching
 
     inputs = {"input_ids": torch.zeros(4, 40, dtype=torch.long), "attention_mask": torch.ones(4, 1, 40, 40)}
-    assert dual.calibration_inputs(inputs, 4, torch.tensor([0, 1, 2]))["input_ids"].shape == (3, 40)
+    assert batching.calibration_inputs(inputs, 4, torch.tensor([0, 1, 2]))["input_ids"].shape == (3, 40)
 
 
 @pytest.mark.parametrize("head", ["seq-cls", "qa"])
@@ -92,15 +94,15 @@ def test_causal_lm_loss_is_the_hf_loss(dtype):
 
 def test_the_causal_lm_loss_runs_in_chunks_of_positions(monkeypatch):
     """A chunk bound of a few positions (two and a half rows of logits) gives the loss of one pass."""
-    from zo2 import losses
+    from zo2.objectives import task_loss
 
     model = make_model("llama").eval()
     batch = make_batch()
     with torch.no_grad():
         logits = model(**batch, use_cache=False).logits
-    whole = losses.causal_lm_terms(logits, batch["labels"])
-    monkeypatch.setattr(losses, "LOSS_CHUNK", int(2.5 * logits.shape[-1]))
-    chunked = losses.causal_lm_terms(logits, batch["labels"])
+    whole = task_loss.causal_lm_terms(logits, batch["labels"])
+    monkeypatch.setattr(task_loss, "LOSS_CHUNK", int(2.5 * logits.shape[-1]))
+    chunked = task_loss.causal_lm_terms(logits, batch["labels"])
     assert chunked[1] == whole[1] == (batch["labels"][:, 1:] != -100).sum()
     assert chunked[0].item() == pytest.approx(whole[0].item(), rel=1e-6)
 
@@ -157,12 +159,12 @@ def test_only_a_plain_bias_free_linear_writes_its_parts_in_place():
     the same computation as the module's own forward."""
     head, x = torch.nn.Linear(8, 5, bias=False), torch.randn(4, 3, 8)
     with torch.no_grad():
-        assert dual.writes_parts_in_place(head, head.forward, (x,), {})
+        assert batching.writes_parts_in_place(head, head.forward, (x,), {})
         out = torch.empty(4, 3, 5)
-        dual.linear_part_into(head, x, out)
+        batching.linear_part_into(head, x, out)
         assert torch.equal(out, head(x))
         biased = torch.nn.Linear(8, 5)
-        assert not dual.writes_parts_in_place(biased, biased.forward, (x,), {})
-        assert not dual.writes_parts_in_place(head, lambda t: head(t) * 2, (x,), {})  # forward replaced
-        assert not dual.writes_parts_in_place(head, head.forward, (x,), {"scale": 2})
-    assert not dual.writes_parts_in_place(head, head.forward, (x,), {})  # autograd on: outputs need history
+        assert not batching.writes_parts_in_place(biased, biased.forward, (x,), {})
+        assert not batching.writes_parts_in_place(head, lambda t: head(t) * 2, (x,), {})  # forward replaced
+        assert not batching.writes_parts_in_place(head, head.forward, (x,), {"scale": 2})
+    assert not batching.writes_parts_in_place(head, head.forward, (x,), {})  # autograd on: outputs need history

@@ -4,7 +4,8 @@ import copy
 import pytest
 import torch
 
-from zo2 import ZOConfig, ZOEngine, noise
+from zo2 import ZOConfig, ZOEngine
+from zo2.updates import noise
 from conftest import make_batch, make_model
 
 SAMPLES = 400

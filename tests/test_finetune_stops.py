@@ -17,8 +17,8 @@ from finetune_setup import data_file, finetune_args, model_dir, tokenizer, weigh
 
 from zo2 import cli
 from zo2.checkpoint import load_checkpoint
-from zo2.finetune.budget import TimeBudget
-from zo2.finetune.interrupt import RunInterrupted, StopGuard, StopRequested
+from zo2.cli.finetune.budget import TimeBudget
+from zo2.cli.finetune.interrupt import RunInterrupted, StopGuard, StopRequested
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM, OPTForCausalLM, PreTrainedModel
 
 from zo2 import ZOConfig, zo_hf_init
-from zo2.losses import causal_lm_loss
+from zo2.objectives.task_loss import causal_lm_loss
 from conftest import CORE_ARCHS, make_batch, make_config, make_model
 
 

@@ -7,9 +7,10 @@ on CUDA and are checked against the torch path on the CPU. Skipped when triton i
 import pytest
 import torch
 
-from zo2 import Update, ZOConfig, ZOEngine, kernels, noise
+from zo2 import Update, ZOConfig, ZOEngine, kernels
+from zo2.updates import noise
 from zo2.kernels import torch_path, triton_path
-from zo2.storage import Unit
+from zo2.units.storage import Unit
 from conftest import make_batch, make_model, masters
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -10,9 +10,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from zo2 import ZOConfig, ZOEngine
 from zo2.checkpoint import load_checkpoint, save_checkpoint
-from zo2.compat import UnsupportedCheckpointError
+from zo2.persist.compat import UnsupportedCheckpointError
 from zo2.loading import from_checkpoint, from_pretrained, save_pretrained
-from zo2.shards import ShardError
+from zo2.persist.shards import ShardError
 from conftest import make_batch, make_model
 from test_disk import weights
 

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from zo2 import Update, ZOConfig, ZOConfigError, ZOEngine, noise, replay
-from zo2.role import Role
-from zo2.losses import causal_lm_loss
+from zo2 import Update, ZOConfig, ZOConfigError, ZOEngine, replay
+from zo2.updates import noise
+from zo2.walk.role import Role
+from zo2.objectives.task_loss import causal_lm_loss
 from zo2.methods import METHODS, Decision, Method, Part
 from conftest import make_batch, make_model, masters
 from test_directions import _threads_sum

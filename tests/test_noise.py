@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from zo2 import noise
+from zo2.updates import noise
 
 
 def test_philox_matches_known_answer_vectors():

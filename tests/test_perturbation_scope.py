@@ -6,9 +6,9 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from zo2 import ZOConfig, ZOEngine, plan
-from zo2.models import UnsupportedModelError, find_partition
-from zo2.scheduler import TransferScheduler
-from zo2.storage import SlotPool, Unit
+from zo2.units.partition import UnsupportedModelError, find_partition
+from zo2.offload.transfers import TransferScheduler
+from zo2.units.storage import SlotPool, Unit
 from conftest import ARCHS, make_batch, make_model, masters
 from live_memory import live_tensor_bytes
 

@@ -78,7 +78,7 @@ def test_reference_shapes_cut_in_depth():
 
 
 def test_plan_command_prints_the_table_and_json(capsys):
-    from zo2.cli import main
+    from zo2.cli.main import main
     assert main(["plan", "--model", "opt-1.3b", "--gpu-memory-budget", "2GB", "--write-back-every", "2"]) == 0
     out = capsys.readouterr().out
     assert "blocks resident / streamed" in out and "floor: step" in out
@@ -130,7 +130,7 @@ def test_budgets_place_blocks_on_the_device_in_host_memory_and_on_disk():
 
 
 def test_plan_command_shows_disk_placement(capsys):
-    from zo2.cli import main
+    from zo2.cli.main import main
     assert main(["plan", "--model", "opt-30b", "--offloading-device", "disk", "--host-memory-budget", "16GB",
                  "--gpu-memory-budget", "20GB", "--disk-read-gbps", "3"]) == 0
     out = capsys.readouterr().out

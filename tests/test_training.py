@@ -3,7 +3,7 @@ by what the steps' own projected gradients predict."""
 import pytest
 
 from zo2 import ZOConfig, ZOEngine
-from zo2.losses import causal_lm_loss
+from zo2.objectives.task_loss import causal_lm_loss
 from conftest import ARCHS, first_order_drop, make_batch, make_model
 
 # Why this criterion and not "the loss fell by 0.02": one ZO trajectory's drop is a sum of

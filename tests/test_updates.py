@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from zo2 import Update, ZOConfig, ZOEngine, noise, replay
+from zo2 import Update, ZOConfig, ZOEngine, replay
+from zo2.updates import noise
 from zo2.kernels import stochastic_round
 from conftest import make_batch, make_model, masters
 

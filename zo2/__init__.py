@@ -10,15 +10,15 @@ ZO2-compatible API: ``zo_hf_init``, ``model.zo_init(cfg)``, ``model.zo_train()``
 Methods: :data:`METHODS` (:mod:`zo2.methods`); objectives: :mod:`zo2.objectives`.
 """
 from .config import ZOConfig, ZOConfigError
-from .dual import DualForwardError
 from .engine import ZOEngine, replay
 from .hf import attach_zo_methods, zo_hf_init
-from .history import Update, UpdateLog
 from .methods import METHODS
-from .models import UnsupportedModelError, find_partition
 from .objectives import Objective, candidate_cross_entropy, objective
 from .result import StepResult
-from .role import Role
+from .units.partition import UnsupportedModelError, find_partition
+from .updates.log import Update, UpdateLog
+from .walk.batching import DualForwardError
+from .walk.role import Role
 
 __all__ = ["ZOConfig", "ZOConfigError", "ZOEngine", "Role", "StepResult", "Update", "UpdateLog", "replay",
            "zo_hf_init", "attach_zo_methods", "find_partition", "UnsupportedModelError", "DualForwardError",

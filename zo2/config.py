@@ -9,9 +9,12 @@ from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
-from . import kernels, methods, schedules
+from .kernels import BACKENDS, default_backend
+from .methods import METHODS as _REGISTRY
+from .methods import build_options, method_class
+from .updates import schedules
 
-METHODS = tuple(methods.METHODS)
+METHODS = tuple(_REGISTRY)
 NOISE_KINDS = ("gaussian", "rademacher")
 PERTURBATION_SCOPES = ("auto", "unit", "module")
 OFFLOAD_IO = ("auto", "direct", "buffered")
@@ -182,7 +185,7 @@ class ZOConfig:
     memory; each uploads 1/N of a block and the slices are all-gathered on the devices."""
     distributed_timeout: float = 600.0
     """Distributed: seconds after which a collective waiting for a dead or hung rank raises (> 0)."""
-    kernels: Literal["auto", "cpu", "torch", "triton"] = field(default_factory=kernels.default_backend)
+    kernels: Literal["auto", "cpu", "torch", "triton"] = field(default_factory=default_backend)
     """Backend of the update and perturbation passes (:mod:`zo2.kernels`). ``"auto"``: the fused Triton
     kernel for CUDA buffers, the fused C++ kernel for CPU buffers (built on first use with the system's
     C++ compiler; without one, logged once, plain torch), plain torch otherwise; ``"cpu"``: always the
@@ -203,8 +206,8 @@ class ZOConfig:
         self._validate_schedules()
         if self.noise not in NOISE_KINDS:
             raise _bad("noise", self.noise, f"one of {list(NOISE_KINDS)}")
-        if self.kernels not in kernels.BACKENDS:
-            raise _bad("kernels", self.kernels, f"one of {list(kernels.BACKENDS)}")
+        if self.kernels not in BACKENDS:
+            raise _bad("kernels", self.kernels, f"one of {list(BACKENDS)}")
         if self.perturbation_scope not in PERTURBATION_SCOPES:
             raise _bad("perturbation_scope", self.perturbation_scope, f"one of {list(PERTURBATION_SCOPES)}")
         for name in ("lr", "eps", "weight_decay"):
@@ -226,7 +229,7 @@ class ZOConfig:
         if self.max_parts_per_walk is not None and (isinstance(self.max_parts_per_walk, bool) or not isinstance(
                 self.max_parts_per_walk, int) or self.max_parts_per_walk < 1):
             raise _bad("max_parts_per_walk", self.max_parts_per_walk, "None or an integer >= 1")
-        method = methods.method_class(self.method)
+        method = method_class(self.method)
         if self.num_directions < method.min_directions:
             raise _bad("num_directions", self.num_directions,
                        f"an integer >= {method.min_directions} for method {self.method!r}")
@@ -293,12 +296,12 @@ class ZOConfig:
     def _validate_method(self) -> None:
         if self.method not in METHODS:
             raise _bad("method", self.method, f"one of {list(METHODS)}")
-        method = methods.method_class(self.method)
+        method = method_class(self.method)
         if not isinstance(self.method_options, Mapping):
             raise _bad("method_options", self.method_options, "a mapping of option names to values")
         self.method_options = dict(self.method_options)
         try:
-            methods.build_options(method, self.method_options)
+            build_options(method, self.method_options)
         except (TypeError, ValueError) as err:
             raise ZOConfigError(str(err)) from None
         if self.noise is None:

@@ -32,12 +32,13 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 
-from . import checkpoint
+from .checkpoint import load_checkpoint
+from .checkpoint import save_checkpoint as save_whole_checkpoint
 from .config import ZOConfig
 from .engine import ZOEngine
-from .role import Role
-from .scheduler import TransferScheduler
-from .storage import SlotPool, Unit
+from .offload.transfers import TransferScheduler
+from .units.storage import SlotPool, Unit
+from .walk.role import Role
 
 logger = logging.getLogger(__name__)
 
@@ -361,11 +362,11 @@ def save_checkpoint(engine: ZOEngine, directory: str | Path, *, group: dist.Proc
     engine.flush()
     barrier(group)  # with sliced transfers every rank's slices must have landed before rank 0 reads
     if is_main_process(group):
-        checkpoint.save_checkpoint(engine, directory, **kwargs)
+        save_whole_checkpoint(engine, directory, **kwargs)
     barrier(group)
 
 
 def restore_checkpoint(engine: ZOEngine, directory: str | Path, *, group: dist.ProcessGroup | None = None) -> None:
     """Verify and load a checkpoint into ``engine`` on every rank (or in one process), then wait for all."""
-    checkpoint.load_checkpoint(directory).restore(engine)
+    load_checkpoint(directory).restore(engine)
     barrier(group)  # shared masters: nobody trains before every rank has finished loading

@@ -23,22 +23,26 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from . import dual, kernels, losses, noise, objectives
+from . import kernels
 from .config import ZOConfig
-from .history import HistoryError, Update, UpdateLog
 from .kernels import apply_updates, update_and_perturb
 from .methods import Part, method_class
-from .models import UnsupportedModelError, find_partition, no_cache_kwargs
-from .objectives import Objective
-from .placement import WeightSource, place
+from .objectives import task_loss
+from .objectives.base import Objective, as_objective, terms
+from .objectives.task_loss import TASK_LOSS
+from .offload.disk.staging import DiskTransferScheduler
+from .offload.placement import WeightSource, place
+from .offload.transfers import TransferScheduler
 from .result import StepResult
-from .role import STATS_COLUMNS, Role
-from .scheduler import TransferScheduler
-from .staging import DiskTransferScheduler
-from .scope import SCOPES, Matrix
-from .storage import BufferPool, SlotPool, Unit
-from .walk import Walk, WalkContext
-from .wrapping import Wrapped, unwrap, wrap
+from .units.partition import UnsupportedModelError, find_partition, no_cache_kwargs
+from .units.storage import BufferPool, SlotPool, Unit
+from .updates import noise
+from .updates.log import HistoryError, Update, UpdateLog
+from .walk import batching
+from .walk.role import STATS_COLUMNS, Role
+from .walk.scope import SCOPES, Matrix
+from .walk.walk import Walk, WalkContext
+from .walk.wrapping import Wrapped, unwrap, wrap
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +70,7 @@ class ZOEngine:
         config.validate()
         self.model, self.config = model, config
         self.role = role or Role()
-        self.objective = objectives.as_objective(objective)
+        self.objective = as_objective(objective)
         """The default objective of steps (``None``: the model's task loss)."""
         self.device = torch.device(config.working_device)
         self.lr_schedule = lr_schedule
@@ -79,9 +83,9 @@ class ZOEngine:
         self._stats: torch.Tensor | None = None  # [parts, 2] sums of the micro-batches of the current step
         self._forward = model.forward
         self._no_cache = no_cache_kwargs(model)
-        self._specs: dict[tuple, dict[str, dual.MemberSpec]] = {}
+        self._specs: dict[tuple, dict[str, batching.MemberSpec]] = {}
         self._walk: Walk | None = None
-        self._calibration: dual.Calibration | None = None
+        self._calibration: batching.Calibration | None = None
         partition = find_partition(model, dict(probe_inputs) if probe_inputs is not None else None)
         if config.perturbation_scope == "module" and not partition.matrices_read_by_owner:
             raise UnsupportedModelError(
@@ -91,7 +95,7 @@ class ZOEngine:
         self.units, self.scope = placement.units, placement.scope
         """``scope``: ``"unit"`` or ``"module"``, the resolved ``ZOConfig.perturbation_scope``."""
         self.store = placement.store
-        """The files of the disk-offloaded units (:class:`zo2.disk.DiskStore`), or None."""
+        """The files of the disk-offloaded units (:class:`zo2.offload.disk.store.DiskStore`), or None."""
         strategy = SCOPES[self.scope]()
         hooks = (self._enter_matrices, self._leave_matrices) if strategy.hooks_matrices else None
         self._wrapped, self._hooks = wrap(partition, self.units, self._member_call, matrix_hooks=hooks)
@@ -217,15 +221,15 @@ class ZOEngine:
     def _call_model(self, inputs: Mapping[str, Any]) -> Any:
         return self._forward(**inputs, **self._no_cache)
 
-    def _calibrated(self, inputs: dict[str, Any], batch: int) -> dict[str, dual.MemberSpec]:
-        key = dual.batch_signature(inputs)
+    def _calibrated(self, inputs: dict[str, Any], batch: int) -> dict[str, batching.MemberSpec]:
+        key = batching.batch_signature(inputs)
         if key not in self._specs:
-            self._calibration = dual.Calibration()
+            self._calibration = batching.Calibration()
             try:
-                for run, rows in enumerate(dual.calibration_rows(inputs, batch)):
+                for run, rows in enumerate(batching.calibration_rows(inputs, batch)):
                     self._calibration.run = run
                     with self._forward_context(streaming=False):
-                        self._call_model(dual.calibration_inputs(inputs, batch, rows))
+                        self._call_model(batching.calibration_inputs(inputs, batch, rows))
                 self._specs[key] = self._calibration.specs()
             finally:
                 self._calibration = None
@@ -237,10 +241,10 @@ class ZOEngine:
     def _split(self, batch: dict[str, Any], objective: Objective | None) -> tuple[dict[str, Any], Callable]:
         """(model inputs, per-part terms function) of a batch under ``objective``."""
         if objective is None:
-            inputs, targets = losses.split_targets(self.model, batch)
-            return inputs, lambda out: objectives.TASK_LOSS(self.model, out, targets)
+            inputs, targets = task_loss.split_targets(self.model, batch)
+            return inputs, lambda out: TASK_LOSS(self.model, out, targets)
         inputs = {k: v for k, v in batch.items() if k not in objective.targets}
-        return inputs, lambda out: objectives.terms(objective(out, batch), f"objective {objective.name!r}")
+        return inputs, lambda out: terms(objective(out, batch), f"objective {objective.name!r}")
 
     def _walk_stats(self, inputs: dict[str, Any], terms_of: Callable, parts: list[Part], eps: float,
                     batch: int) -> torch.Tensor:
@@ -250,13 +254,13 @@ class ZOEngine:
         with self._forward_context():
             self._walk = Walk(self._ctx, parts, eps, batch, specs)
             try:
-                output = self._call_model(dual.replicate_batch(inputs, batch, count) if count > 1 else inputs)
+                output = self._call_model(batching.replicate_batch(inputs, batch, count) if count > 1 else inputs)
             except BaseException:
                 self._walk.abandon()
                 raise
             finally:
                 self._walk = None
-        outputs = losses.split_output(output, batch, count) if count > 1 else [output]
+        outputs = batching.split_output(output, batch, count) if count > 1 else [output]
         with torch.no_grad():
             terms = [terms_of(out).to(torch.float64) for out in outputs]
         return torch.stack([t.to(terms[0].device) for t in terms]).cpu()  # one device sync per walk
@@ -292,9 +296,9 @@ class ZOEngine:
         ``batch`` is a dict of model inputs plus ``labels`` (or the objective's targets). Every micro-batch
         of a step sees the same weights and seeds; ``commit`` turns their summed losses into the update.
         ``objective`` overrides the engine's for this batch."""
-        chosen_objective = objectives.as_objective(objective) or self.objective
+        chosen_objective = as_objective(objective) or self.objective
         inputs, terms_of = self._split(self._to_device(batch), chosen_objective)
-        batch_rows = losses.batch_size(inputs)
+        batch_rows = batching.batch_size(inputs)
         parts = self.parts()
         chosen = [i for i, part in enumerate(parts) if self.role.selects(part)]
         cap = self.config.max_parts_per_walk or len(chosen)
@@ -385,8 +389,8 @@ class ZOEngine:
         Tensor arguments are moved to the working device; ``use_cache`` defaults to False (pass
         ``use_cache=True`` explicitly, as ``generate`` does, to build a KV cache)."""
         self.flush()
-        args = dual.tree_map(lambda _, t: t.to(self.device), args)
-        kwargs = dual.tree_map(lambda _, t: t.to(self.device), kwargs)
+        args = batching.tree_map(lambda _, t: t.to(self.device), args)
+        kwargs = batching.tree_map(lambda _, t: t.to(self.device), kwargs)
         for key, value in self._no_cache.items():
             kwargs.setdefault(key, value)
         with self._forward_context():

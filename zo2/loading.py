@@ -12,7 +12,7 @@ How a load proceeds:
 2. Each parameter gets a stand-in of zeros that no memory backs (an unwritten anonymous mapping), so
    the engine's probe forward (which finds the units) runs without weights. Buffers the checkpoint does not hold
    (rotary ``inv_freq``, embedding scales) are initialised as ``from_pretrained`` initialises them
-   (:func:`zo2.compat.initialize_missing_buffers`); persistent ones are read from the checkpoint.
+   (:func:`zo2.persist.compat.initialize_missing_buffers`); persistent ones are read from the checkpoint.
 3. The engine places the units one at a time: every parameter's tensor is read from its shard straight
    into its view of the unit's master (:mod:`zo2.shards`, the page cache dropped behind), resident or
    in host memory; a disk unit is assembled in one staging buffer and written to its file. Host memory
@@ -36,15 +36,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import compat
 from .config import ZOConfig
-from .disk import MASTER, DiskOffloadError
 from .engine import ZOEngine
-from .role import Role
-from .history import UpdateLog
-from .placement import WeightSource
-from .shards import INDEX_NAME, CheckpointReader, ShardError, write_shard
-from .storage import Unit
+from .offload.disk.store import MASTER, DiskOffloadError
+from .offload.placement import WeightSource
+from .persist import compat
+from .persist.shards import INDEX_NAME, CheckpointReader, ShardError, write_shard
+from .units.storage import Unit
+from .updates.log import UpdateLog
+from .walk.role import Role
 
 logger = logging.getLogger(__name__)
 

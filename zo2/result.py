@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .history import Update
+from .updates.log import Update
 
 
 @dataclass(frozen=True)

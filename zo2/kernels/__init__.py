@@ -24,9 +24,9 @@ from typing import Sequence
 
 import torch
 
-from .. import noise
-from ..history import Update
-from ..storage import Unit
+from ..units.storage import Unit
+from ..updates import noise
+from ..updates.log import Update
 from . import cpu_fused, torch_path, triton_path
 from .torch_path import stochastic_round
 from .triton_path import triton_available
@@ -97,7 +97,7 @@ def apply_updates(buffer: torch.Tensor, unit: Unit, updates: Sequence[Update], *
 
 def generate(kind: str, seed: int, unit: int, start: int, count: int, *, stream: int = noise.PERTURBATION_STREAM,
              device: torch.device | str = "cpu", backend: str = "auto") -> torch.Tensor:
-    """:func:`zo2.noise.generate` for the plain-torch update rules of some methods: on the CPU, under
+    """:func:`zo2.updates.noise.generate` for the plain-torch update rules of some methods: on the CPU, under
     ``backend`` "auto" (when the kernel builds) or "cpu", by the fused kernel's generator, which gives the
     same bits about ten times faster than the torch path; elsewhere by :mod:`zo2.noise` itself."""
     if torch.device(device).type == "cpu" and resolve(torch.empty(0), backend) == "cpu":  # validates backend

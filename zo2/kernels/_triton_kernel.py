@@ -16,7 +16,7 @@ import triton.language as tl
 KINDS = {"gaussian": 0, "rademacher": 1, "uniform": 2}
 GAUSSIAN: tl.constexpr = tl.constexpr(0)
 RADEMACHER: tl.constexpr = tl.constexpr(1)
-ROUNDING_STREAM: tl.constexpr = tl.constexpr(1)  # zo2.noise.ROUNDING_STREAM
+ROUNDING_STREAM: tl.constexpr = tl.constexpr(1)  # zo2.updates.noise.ROUNDING_STREAM
 
 
 @triton.jit
@@ -67,7 +67,7 @@ def _uniform(seed, start, unit, STREAM: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _box_muller(u1, u2):
-    """The pair transform of zo2.noise._gaussian_chunk (and of tl.randn4x)."""
+    """The pair transform of zo2.updates.noise._gaussian_chunk (and of tl.randn4x)."""
     radius = tl.sqrt_rn(-2.0 * tl.log(tl.maximum(u1, 1.0e-7)))  # IEEE sqrt as torch; tl.sqrt is approximate on GPUs
     angle = 6.283185307179586 * u2
     return radius * tl.cos(angle), radius * tl.sin(angle)
@@ -167,7 +167,7 @@ def update_perturb_kernel(buf_ptr, plus_ptr, minus_ptr, seeds_ptr, coefs_ptr, de
 
 @triton.jit(do_not_specialize=["seed", "unit"])
 def noise_kernel(out_ptr, seed, n, start, unit, KIND: tl.constexpr, STREAM: tl.constexpr, BLOCK: tl.constexpr):
-    """out[i] = the value of element start + i (start a multiple of BLOCK), as zo2.noise.generate."""
+    """out[i] = the value of element start + i (start a multiple of BLOCK), as zo2.updates.noise.generate."""
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     values = _noise(seed, start + tl.program_id(0).to(tl.int64) * BLOCK, unit, KIND, STREAM, BLOCK)
     tl.store(out_ptr + offsets, values, mask=offsets < n)

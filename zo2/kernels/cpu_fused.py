@@ -31,8 +31,8 @@ from typing import Sequence
 
 import torch
 
-from ..history import Update
-from ..storage import Unit
+from ..units.storage import Unit
+from ..updates.log import Update
 from .torch_path import signed_outputs
 
 logger = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ def apply_updates(buffer: torch.Tensor, unit: Unit, updates: Sequence[Update], *
 
 
 def generate(kind: str, seed: int, unit: int, start: int, count: int, *, stream: int = 0) -> torch.Tensor:
-    """:func:`zo2.noise.generate` by the kernel's own generator (to check it against the torch one)."""
+    """:func:`zo2.updates.noise.generate` by the kernel's own generator (to check it against the torch one)."""
     if kind not in KINDS:
         raise ValueError(f"unknown noise kind {kind!r}; expected one of {sorted(KINDS)}")
     if count < 0 or start < 0:

@@ -15,9 +15,9 @@ from typing import Sequence
 
 import torch
 
-from .. import noise
-from ..history import Update
-from ..storage import Unit
+from ..units.storage import Unit
+from ..updates import noise
+from ..updates.log import Update
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 

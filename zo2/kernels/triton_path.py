@@ -18,9 +18,9 @@ from typing import Sequence
 
 import torch
 
-from .. import noise
-from ..history import Update
-from ..storage import Unit
+from ..units.storage import Unit
+from ..updates import noise
+from ..updates.log import Update
 from .torch_path import signed_outputs
 
 #: Elements per Triton program: a power of two >= 128 (one Philox counter covers 128 Rademacher signs).
@@ -102,7 +102,7 @@ def apply_updates(buffer: torch.Tensor, unit: Unit, updates: Sequence[Update], *
 
 def generate(kind: str, seed: int, unit: int, start: int, count: int, *, stream: int = noise.PERTURBATION_STREAM,
              device: torch.device | str = "cpu") -> torch.Tensor:
-    """:func:`zo2.noise.generate` by the kernel's own generator (to check it against the torch one)."""
+    """:func:`zo2.updates.noise.generate` by the kernel's own generator (to check it against the torch one)."""
     module = _triton()
     if kind not in module.KINDS:
         raise ValueError(f"unknown noise kind {kind!r}; expected one of {sorted(module.KINDS)}")

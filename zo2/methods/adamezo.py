@@ -21,8 +21,8 @@ from typing import Sequence
 
 import torch
 
-from .. import kernels
-from ..storage import Unit
+from ..kernels import generate, update_and_perturb
+from ..units.storage import Unit
 from .base import Method, chunks_of, decay, options_error, store, working_copy
 
 
@@ -64,7 +64,7 @@ class AdaMeZO(Method):
         estimate = torch.zeros(count, dtype=torch.float32, device=device)
         for update in updates:
             weight = update.lr / total_lr if total_lr else 1.0 / len(updates)
-            z = kernels.generate(self.config.noise, update.seed, unit.index, start, count, device=device,
+            z = generate(self.config.noise, update.seed, unit.index, start, count, device=device,
                                  backend=self.config.kernels)
             estimate.add_(z, alpha=weight * update.projected_grad)
         return estimate
@@ -97,5 +97,5 @@ class AdaMeZO(Method):
                            signs: Sequence[int], *, offset: int = 0,
                            out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
         self.apply(buffer, unit, steps, offset=offset)
-        return kernels.update_and_perturb(buffer, unit, (), seed, eps, signs=signs, offset=offset, out=out,
+        return update_and_perturb(buffer, unit, (), seed, eps, signs=signs, offset=offset, out=out,
                                           **self._kernel_args())

@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 import torch
 
-from .. import kernels, noise
-from ..history import Update, UpdateLog
-from ..storage import Unit
+from ..kernels import apply_updates, generate, stochastic_round, update_and_perturb
+from ..units.storage import Unit
+from ..updates import noise
+from ..updates.log import Update, UpdateLog
 
 if TYPE_CHECKING:  # config imports this package
     from ..config import ZOConfig
@@ -137,13 +138,13 @@ class Method:
     def apply(self, buffer: torch.Tensor, unit: Unit, steps: range, *, offset: int = 0) -> None:
         """Apply the updates of ``steps`` in order, in place (``buffer``: elements from ``offset``)."""
         if steps:
-            kernels.apply_updates(buffer, unit, self._flat(steps), offset=offset, **self._kernel_args())
+            apply_updates(buffer, unit, self._flat(steps), offset=offset, **self._kernel_args())
 
     def update_and_perturb(self, buffer: torch.Tensor, unit: Unit, steps: range, seed: int, eps: float,
                            signs: Sequence[int], *, offset: int = 0,
                            out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Apply ``steps``, then return ``buffer + s·ε·z(seed)`` for each sign s (into ``out`` if given)."""
-        return kernels.update_and_perturb(buffer, unit, self._flat(steps), seed, eps, signs=signs, offset=offset,
+        return update_and_perturb(buffer, unit, self._flat(steps), seed, eps, signs=signs, offset=offset,
                                           out=out, **self._kernel_args())
 
     # ------------------------------------------------------------------------------ set-up, state
@@ -176,9 +177,9 @@ def store(chunk: torch.Tensor, work: torch.Tensor, unit: Unit, start: int, seed:
     ``backend`` (``ZOConfig.kernels``)."""
     if work is chunk:
         return
-    uniform = kernels.generate("uniform", seed, unit.index, start, chunk.numel(), stream=noise.ROUNDING_STREAM,
+    uniform = generate("uniform", seed, unit.index, start, chunk.numel(), stream=noise.ROUNDING_STREAM,
                                device=chunk.device, backend=backend)
-    chunk.copy_(kernels.stochastic_round(work, chunk.dtype, uniform))
+    chunk.copy_(stochastic_round(work, chunk.dtype, uniform))
 
 
 def decay(work: torch.Tensor, unit: Unit, start: int, factor: float) -> None:

@@ -18,7 +18,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..history import Update
+from ..updates.log import Update
 from .base import Decision, Method, Part, options_error
 
 

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..history import Update
+from ..updates.log import Update
 from .base import Decision, Method, options_error
 
 

@@ -20,8 +20,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .. import kernels
-from ..storage import Unit
+from ..kernels import generate, update_and_perturb
+from ..units.storage import Unit
 from .base import Method, chunks_of, decay, options_error, store, working_copy
 
 _SAMPLE = 1 << 22
@@ -93,7 +93,7 @@ class SparseMeZO(Method):
                 for update in self.log.step_updates(step):
                     work = working_copy(chunk)
                     decay(work, unit, start, 1.0 - update.lr * cfg.weight_decay)
-                    z = kernels.generate(cfg.noise, update.seed, unit.index, start, chunk.numel(),
+                    z = generate(cfg.noise, update.seed, unit.index, start, chunk.numel(),
                                          device=chunk.device, backend=cfg.kernels)
                     work.add_(z.mul_(mask).to(work.dtype), alpha=-update.lr * update.projected_grad)
                     store(chunk, work, unit, start, update.seed, cfg.kernels)
@@ -102,7 +102,7 @@ class SparseMeZO(Method):
                            signs: Sequence[int], *, offset: int = 0,
                            out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
         self.apply(buffer, unit, steps, offset=offset)
-        copies = kernels.update_and_perturb(buffer, unit, (), seed, eps, signs=signs, offset=offset, out=out,
+        copies = update_and_perturb(buffer, unit, (), seed, eps, signs=signs, offset=offset, out=out,
                                             **self._kernel_args())
         for start, chunk in chunks_of(buffer, offset):
             frozen = ~self.mask(chunk, unit, start)

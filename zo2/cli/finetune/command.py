@@ -9,14 +9,17 @@ from pathlib import Path
 
 import torch
 
-from .. import adapters, tasks
-from ..checkpoint import Checkpoint, latest_checkpoint, load_checkpoint
-from ..config import ZOConfig
-from ..report import write_outputs
+from ...adapters import describe as describe_adapter
+from ...adapters import load_trained
+from ...adapters import wrap as add_adapter
+from ...checkpoint import Checkpoint, latest_checkpoint, load_checkpoint
+from ...config import ZOConfig
+from ...tasks import TaskError
 from .data import load_data
 from .interrupt import RunInterrupted, StopGuard, StopRequested
 from .job import Run
 from .model import check_model_folder, load_embedded_model, load_local_model
+from .report import write_outputs
 from .summary import build_summary
 
 logger = logging.getLogger(__name__)
@@ -49,7 +52,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.model is not None:
         check_model_folder(args.model)
     if args.resume and (args.output_dir is None or args.first_order):
-        raise tasks.TaskError("--resume needs --output-dir (where the checkpoints are) and a zeroth-order run")
+        raise TaskError("--resume needs --output-dir (where the checkpoints are) and a zeroth-order run")
     data = load_data(args)
     offload = args.offload if args.offload is not None else args.working_device.startswith("cuda")
     schedules = {"lr_scheduler": args.lr_scheduler, "eps_scheduler": args.eps_scheduler,
@@ -67,10 +70,10 @@ def run(args: argparse.Namespace) -> dict:
     source = checkpoint.path if checkpoint is not None and args.peft == "none" else args.model
     tokenizer, model = load_local_model(source, dtype) if source else load_embedded_model(dtype)
     if args.peft != "none":  # a checkpoint holds the adapter alone: the base model, then the saved adapter
-        model = (adapters.load_trained(model, checkpoint.path) if checkpoint is not None else
-                 adapters.wrap(model, args.peft, rank=args.lora_rank, alpha=args.lora_alpha, targets=args.peft_targets,
+        model = (load_trained(model, checkpoint.path) if checkpoint is not None else
+                 add_adapter(model, args.peft, rank=args.lora_rank, alpha=args.lora_alpha, targets=args.peft_targets,
                                seed=args.seed))
-        logger.info("training a %s adapter: %d of %d parameters", adapters.describe(model),
+        logger.info("training a %s adapter: %d of %d parameters", describe_adapter(model),
                     sum(p.numel() for p in model.parameters() if p.requires_grad),
                     sum(p.numel() for p in model.parameters()))
     logger.info("task %s (%s, metric %s): %d train / %d eval examples from %s", data.task.name, data.task.kind,

@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from . import dual
-from .history import UpdateLog
-from .methods import Method, Part
-from .scheduler import TransferScheduler
+from ..methods import Method, Part
+from ..offload.transfers import TransferScheduler
+from ..units.storage import BufferPool, Unit
+from ..updates.log import UpdateLog
+from .batching import MemberSpec, linear_part_into, merge_outputs, split_inputs, writes_parts_in_place
 from .scope import ModuleScope, UnitScope, aliases
-from .storage import BufferPool, Unit
 from .wrapping import Wrapped
 
 
@@ -40,7 +40,7 @@ class Walk:
     """State of one walk: the parts it evaluates and the perturbed weights in flight."""
 
     def __init__(self, ctx: WalkContext, parts: list[Part], eps: float, part_batch: int,
-                 specs: dict[str, dual.MemberSpec]) -> None:
+                 specs: dict[str, MemberSpec]) -> None:
         self.ctx, self.parts, self.eps, self.part_batch, self.specs = ctx, parts, eps, part_batch, specs
         self.part = 0
         """Index into ``parts`` of the part being computed."""
@@ -87,11 +87,11 @@ class Walk:
         if count == 1:  # one part: the plain forward under its weights, no replicated batch
             pieces, was_split, spec = [(args, kwargs)], False, None
         else:
-            spec = self.specs.get(name, dual.MemberSpec())
-            pieces, was_split = dual.split_inputs(spec, args, kwargs, self.part_batch, count, name)
+            spec = self.specs.get(name, MemberSpec())
+            pieces, was_split = split_inputs(spec, args, kwargs, self.part_batch, count, name)
         module = entry.member.module
         merged = None  # parts that write into one output need no merge
-        if was_split and dual.writes_parts_in_place(module, entry.forward, args, kwargs):
+        if was_split and writes_parts_in_place(module, entry.forward, args, kwargs):
             merged = args[0].new_empty(*args[0].shape[:-1], module.out_features)
         outputs = self._run_parts(entry, pieces, merged)
         if count == 1:
@@ -101,7 +101,7 @@ class Walk:
             return outputs[0]
         if merged is not None:
             return merged
-        return dual.merge_outputs(spec, outputs, self.part_batch, was_split, name)
+        return merge_outputs(spec, outputs, self.part_batch, was_split, name)
 
     def _run_parts(self, entry: Wrapped, pieces: list, merged: torch.Tensor | None) -> list:
         """Each part's output of ``entry``, under that part's weights; with ``merged``, the parts write
@@ -118,7 +118,7 @@ class Walk:
                 output = entry.forward(*part_args, **part_kwargs)
             else:
                 output = merged[row:row + part_args[0].shape[0]]
-                dual.linear_part_into(entry.member.module, part_args[0], output)
+                linear_part_into(entry.member.module, part_args[0], output)
                 row += output.shape[0]
             self.ctx.scope.leave_part(self, entry.matrices, output)
             outputs.append(output)

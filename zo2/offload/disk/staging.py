@@ -1,6 +1,6 @@
 """Streams disk-offloaded units through staging buffers, ahead of use and beside the walk.
 
-:class:`DiskTransferScheduler` is the :class:`~zo2.scheduler.TransferScheduler` of an engine whose
+:class:`DiskTransferScheduler` is the :class:`~zo2.offload.transfers.TransferScheduler` of an engine whose
 offloaded units live on disk (or, under ``host_memory_budget``, partly in host memory). One I/O thread
 runs every transfer that fills a slot, in the order they were asked for, so these ordering rules hold
 without locks:
@@ -27,11 +27,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from ...units.storage import SlotPool, Unit
+from ...updates.log import UpdateLog
+from ..transfers import TransferScheduler, _Upload
 from .aligned import ALIGN, aligned_empty, padded, typed
-from .disk import DiskStore
-from .history import UpdateLog
-from .scheduler import TransferScheduler, _Upload
-from .storage import SlotPool, Unit
+from .store import DiskStore
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 class AlignedSlotPool(SlotPool):
     """Slots in host memory that O_DIRECT can read into (a CPU working device)."""
 
-    def __init__(self, num_slots: int, nbytes: int) -> None:  # noqa: super() allocates unaligned
+    def __init__(self, num_slots: int, nbytes: int) -> None:  # no super().__init__(): it allocates unaligned slots
         self.buffers = [aligned_empty(nbytes) for _ in range(num_slots)]
         logger.info("slot pool: %d x %.1f MiB in host memory, 4 KiB aligned (disk reads land here)", num_slots,
                     nbytes / 2**20)

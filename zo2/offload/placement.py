@@ -1,6 +1,6 @@
 """Placement: which unit lives where, in which dtype, and which perturbation scope the engine uses.
 
-Units are built one at a time into flat masters (:func:`zo2.storage.build_unit`), resident on the
+Units are built one at a time into flat masters (:func:`zo2.units.storage.build_unit`), resident on the
 working device or offloaded (to host memory, or to files with ``offloading_device="disk"``), so
 building them never holds two copies of the model. Where each block goes comes from
 ``ZOConfig.offloading_blocks`` or the memory budgets, by the one rule of
@@ -17,12 +17,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import disk, plan
-from .config import ZOConfig
-from .disk import DiskStore
-from .history import UpdateLog
-from .models import Partition
-from .storage import Unit, build_unit
+from ..config import ZOConfig
+from ..plan import block_locations, model_sizes, resolve_scope
+from ..units.partition import Partition
+from ..units.storage import Unit, build_unit
+from ..updates.log import UpdateLog
+from .disk.store import DiskStore, build_buffer, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +67,8 @@ def unit_params(partition: Partition) -> list[tuple[str, list[nn.Parameter]]]:
 
 
 def _block_locations(model: nn.Module, config: ZOConfig, module_scope_ok: bool, device: torch.device) -> list[str]:
-    sizes = plan.model_sizes(model, config.torch_storage_dtype, config.torch_frozen_dtype)
-    locations = plan.block_locations(config, sizes, module_scope_ok, device.type == "cuda")
+    sizes = model_sizes(model, config.torch_storage_dtype, config.torch_frozen_dtype)
+    locations = block_locations(config, sizes, module_scope_ok, device.type == "cuda")
     if config.gpu_memory_budget is not None or config.host_memory_budget is not None:
         logger.info("zo2 memory budgets (gpu %s, host %s): %d blocks on %s, %d in host memory, %d on disk",
                     config.gpu_memory_budget, config.host_memory_budget, locations.count("device"), device,
@@ -101,7 +101,7 @@ class _UnitSpec:
     params: list[nn.Parameter]
     trainable: bool
     dtype: torch.dtype | None
-    where: str  # one of plan.LOCATIONS
+    where: str  # one of LOCATIONS
 
 
 def _unit_specs(partition: Partition, config: ZOConfig, locations: list[str]) -> list[_UnitSpec]:
@@ -128,10 +128,10 @@ def place(model: nn.Module, partition: Partition, config: ZOConfig, device: torc
     specs = _unit_specs(partition, config, ["device", *blocks, "device"])  # [embedding, blocks..., head]
     offload_device = torch.device("cpu" if config.offloads_to_disk else config.offloading_device)
     pin = device.type == "cuda" and offload_device.type == "cpu"
-    store = disk.open_store(config, [(s.name, s.params, s.dtype) for s in specs], [s.where for s in specs],
+    store = open_store(config, [(s.name, s.params, s.dtype) for s in specs], [s.where for s in specs],
                             resume=source is not None and source.resume,
                             base=source.base if source is not None else None)
-    staging = disk.build_buffer(store)
+    staging = build_buffer(store)
     fill = source.fill if source is not None else None
     units = []
     for index, spec in enumerate(tqdm(specs, desc="zo2: placing units", disable=source is None)):
@@ -158,4 +158,4 @@ def place(model: nn.Module, partition: Partition, config: ZOConfig, device: torc
     if streams and not module_ok and config.perturbation_scope == "auto" and device.type == "cuda":
         logger.info("zo2: %s reads weight matrices outside their modules; perturbing whole units",
                     type(model).__name__)
-    return Placement(units, plan.resolve_scope(config, streams, module_ok, device.type == "cuda"), store)
+    return Placement(units, resolve_scope(config, streams, module_ok, device.type == "cuda"), store)

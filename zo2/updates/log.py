@@ -44,7 +44,7 @@ class UpdateLog:
     A unit's applied position counts the steps its master holds; the steps after it are pending and are
     applied (fused with the next perturbation, or by a flush) the next time the unit is on the device.
     ``generator`` is the version of the noise generator that produced the run's z
-    (:data:`zo2.noise.GENERATOR_VERSION`; a log older than the field was made by version 1):
+    (:data:`zo2.updates.noise.GENERATOR_VERSION`; a log older than the field was made by version 1):
     a history made by another generator is refused rather than replayed to silently different weights.
     """
 

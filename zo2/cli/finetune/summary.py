@@ -6,11 +6,12 @@ import argparse
 import collections
 import resource
 import statistics
+from importlib.metadata import version
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from .. import __version__, tasks
+from ...tasks import ColumnTask, Example, TextTask
 from .data import Data
 from .model import EMBEDDED_MODEL
 
@@ -28,14 +29,14 @@ _COLUMN_TASK_ONLY = {"template", "label_words", "label_column", "drop_unknown_la
 
 
 # ----------------------------------------------------------------------------- classes, collapse
-def class_names(examples: Sequence[tasks.Example]) -> list[str] | None:
+def class_names(examples: Sequence[Example]) -> list[str] | None:
     """The label words (candidates, stripped) when every example shares them, else None."""
     if not examples or not examples[0].candidates or any(e.candidates != examples[0].candidates for e in examples):
         return None
     return [c.strip() for c in examples[0].candidates]
 
 
-def label_counts(examples: Sequence[tasks.Example]) -> dict[str, int] | None:
+def label_counts(examples: Sequence[Example]) -> dict[str, int] | None:
     """How many of ``examples`` have each class as their true label (None: no shared label words)."""
     names = class_names(examples)
     if names is None:
@@ -63,18 +64,18 @@ def applied_settings(args: argparse.Namespace, data: Data, resolved: dict[str, A
     ``--log-level``. Written as YAML or JSON, it is a ``--config`` file that reruns the run."""
     task = data.task
     skip = set(_NEVER_RECORDED) | (_ZO_ONLY if args.first_order else {"fo_optimizer"})
-    if not isinstance(task, tasks.ColumnTask):
+    if not isinstance(task, ColumnTask):
         skip |= _COLUMN_TASK_ONLY
-    if not isinstance(task, (tasks.ColumnTask, tasks.TextTask)):
+    if not isinstance(task, (ColumnTask, TextTask)):
         skip.add("text_column")
     if getattr(task, "prompt_column", None) is None:
         skip.add("prompt_column")
     if task.kind != "generation":
         skip.add("max_new_tokens")
     effective = dict(vars(args), **resolved)
-    if isinstance(task, tasks.ColumnTask):
+    if isinstance(task, ColumnTask):
         effective.update(template=task.template, label_words=dict(task.label_words), label_column=task.label_column)
-    if isinstance(task, (tasks.ColumnTask, tasks.TextTask)):
+    if isinstance(task, (ColumnTask, TextTask)):
         effective["text_column"] = task.text_column
     if not effective.get("offload"):
         skip.add("offloading_blocks")
@@ -109,7 +110,7 @@ def build_summary(run: Run, total_seconds: float, resumed_from: str | None) -> d
     trainer = {"optimizer": args.fo_optimizer} if args.first_order else {
         "optimizer": run.config.method, "zo_config": run.config.to_dict()}
     return {
-        "zo2_version": __version__, "model": args.model or EMBEDDED_MODEL, "task": data.task.name,
+        "zo2_version": version("zo2"), "model": args.model or EMBEDDED_MODEL, "task": data.task.name,
         "data": data.name, "eval_data": data.eval_name, "kind": data.task.kind, "metric": metric,
         "mode": "first-order" if args.first_order else "zeroth-order",
         "settings": applied_settings(args, data, run.resolved), **trainer,

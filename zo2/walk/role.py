@@ -7,9 +7,9 @@ from typing import Callable
 
 import torch
 
-from .methods import Part
-from .scheduler import TransferScheduler
-from .storage import SlotPool, Unit
+from ..methods import Part
+from ..offload.transfers import TransferScheduler
+from ..units.storage import SlotPool, Unit
 
 PERTURBED_SIDES = ("plus", "minus")
 #: Columns of the per-part statistics: loss sum and count (target tokens, or rows).

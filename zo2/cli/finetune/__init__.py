@@ -21,8 +21,15 @@ from .command import latest_resumable, run
 from .data import EMBEDDED_DATA, GENERIC_TASKS, Data, load_data
 from .interrupt import RunInterrupted
 from .job import RESUME_KEYS, Run
-from .model import (EMBEDDED_GGUF, EMBEDDED_MODEL, cache_dir, check_model_folder, load_embedded_model,
-                    load_local_model, save_atomically)
+from .model import (
+           EMBEDDED_GGUF,
+           EMBEDDED_MODEL,
+           cache_dir,
+           check_model_folder,
+           load_embedded_model,
+           load_local_model,
+           save_atomically,
+)
 from .summary import build_summary
 
 __all__ = ["run", "latest_resumable", "EMBEDDED_DATA", "GENERIC_TASKS", "Data", "load_data", "RunInterrupted",

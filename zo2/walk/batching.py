@@ -11,7 +11,7 @@ arguments, and the calibration is cached per batch signature.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -229,3 +229,30 @@ def batch_signature(inputs: dict[str, Any]) -> tuple:
     """What a calibration is valid for: the keys, and for tensors their rank and dtype."""
     return tuple(sorted((k, (v.dim(), str(v.dtype)) if isinstance(v, torch.Tensor) else type(v).__name__)
                         for k, v in inputs.items()))
+
+
+def batch_size(inputs: Mapping[str, Any]) -> int:
+    """The batch size: dim 0 of ``input_ids`` (or ``inputs_embeds``; for other models, of the first
+    tensor input)."""
+    for key in ("input_ids", "inputs_embeds"):
+        if isinstance(inputs.get(key), torch.Tensor):
+            return int(inputs[key].shape[0])
+    for value in inputs.values():
+        if isinstance(value, torch.Tensor) and value.dim():
+            return int(value.shape[0])
+    raise ValueError(f"cannot find the batch size: no tensor input with a batch dimension among {sorted(inputs)}")
+
+
+def split_output(output: Any, part_batch: int, parts: int) -> list[Any]:
+    """The ``parts`` row blocks of a replicated-batch output (a ModelOutput, tensor or tuple): a tensor
+    whose dim 0 is f x parts x part_batch gives part k its rows [k*f*b, (k+1)*f*b); others pass whole."""
+    total = parts * part_batch
+
+    def rows(k: int):
+        def cut(_, tensor: torch.Tensor) -> torch.Tensor:
+            if tensor.dim() == 0 or tensor.shape[0] % total:
+                return tensor
+            size = tensor.shape[0] // parts
+            return tensor[k * size:(k + 1) * size]
+        return cut
+    return [tree_map(rows(k), output) for k in range(parts)]

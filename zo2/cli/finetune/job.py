@@ -1,7 +1,7 @@
 """One finetune run: the trainer (ZO engine or first-order optimizer), evaluation, the training loop and
 its stops (``--steps``, the time budgets, Ctrl-C), checkpoints and exact resume.
 
-Resume is exact: the batch of step s is a pure function of (seed, s) (:func:`tasks.training_batch`),
+Resume is exact: the batch of step s is a pure function of (seed, s) (:func:`training_batch`),
 the perturbation seeds a function of (ZOConfig.seed, s), and a checkpoint holds flushed weights and
 the engine state; a resumed run therefore reproduces the losses and the weights of a straight run.
 """
@@ -21,16 +21,17 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import modeling_utils
 
-from .. import tasks
-from ..checkpoint import Checkpoint, save_checkpoint
-from ..config import ZOConfig
-from ..engine import ZOEngine
-from ..objectives import candidate_cross_entropy
-from . import summary
+from ...checkpoint import Checkpoint, save_checkpoint
+from ...config import ZOConfig
+from ...engine import ZOEngine
+from ...objectives.classification import candidate_cross_entropy
+from ...tasks import Example, PromptEncoder, TaskError, training_batch
+from ...tasks import evaluate as evaluate_task
 from .budget import BUDGET_BAR_FORMAT, TimeBudget
 from .data import Data
 from .folders import link_folder, save_model_folder
 from .interrupt import StopGuard
+from .summary import class_names, collapsed_class, label_counts
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +47,12 @@ def resolve_objective(choice: str, data: Data) -> str:
     has the same number of candidates; everything else trains its LM loss."""
     if data.task.kind != "classification":
         if choice == "classification":
-            raise tasks.TaskError(f"--objective classification needs a classification task, not a {data.task.kind} "
+            raise TaskError(f"--objective classification needs a classification task, not a {data.task.kind} "
                                   "task")
         return "lm"
     same = len({len(e.candidates) for e in data.train}) == 1
     if choice == "classification" and not same:
-        raise tasks.TaskError("--objective classification needs the same number of candidates in every training "
+        raise TaskError("--objective classification needs the same number of candidates in every training "
                               "example; use --objective lm for this task")
     if choice == "auto":
         if not same:
@@ -78,13 +79,13 @@ class Run:
         self.args, self.data, self.tokenizer, self.config = args, data, tokenizer, config
         self.resolved = resolved
         """Effective values of flags whose default depends on the machine (offload, device, dtype)."""
-        self.encoder = tasks.PromptEncoder(tokenizer, args.max_length, args.truncate)
+        self.encoder = PromptEncoder(tokenizer, args.max_length, args.truncate)
         self.objective = resolve_objective(args.objective, data)
         """``"classification"`` (cross-entropy over the label words) or ``"lm"`` (the label word's LM loss)."""
         resolved.update(objective=self.objective, noise=config.noise, num_directions=config.num_directions)
         self.output = Path(args.output_dir) if args.output_dir else None
         self.metric = data.task.metric
-        self.eval_labels = summary.label_counts(data.eval)
+        self.eval_labels = label_counts(data.eval)
         self.history: list[dict] = []
         self.evals: list[dict] = []
         self.best: dict | None = None
@@ -125,12 +126,12 @@ class Run:
                                       ("eval", self.data.eval, self.args.max_new_tokens if generation else None)):
             try:
                 report = self.encoder.truncation(examples, room)
-            except tasks.TaskError as err:
+            except TaskError as err:
                 extra = f" and --max-new-tokens {self.args.max_new_tokens}" if generation else ""
-                raise tasks.TaskError(f"--max-length {self.args.max_length}{extra} is too short: {err}") from None
+                raise TaskError(f"--max-length {self.args.max_length}{extra} is too short: {err}") from None
             self.truncated[split] = report
             for candidates in {e.candidates for e in examples if e.candidates}:
-                self.encoder.check_candidates(tasks.Example("", candidates))
+                self.encoder.check_candidates(Example("", candidates))
             if report["cut"]:
                 logger.warning("%d of %d %s examples do not fit --max-length %d: their text was cut from the %s "
                                "(--truncate), by %.0f tokens on average (at most %d); templates and answers are whole",
@@ -149,12 +150,12 @@ class Run:
         """Evaluate on the held-out set, record it (with the per-class prediction counts), warn of a
         collapse onto one class, and keep the best weights once a step beats the start."""
         bar = functools.partial(tqdm, desc=f"eval@{self.step}", unit="batch", leave=False)
-        result = tasks.evaluate(self.data.task.kind, self._forward, self.encoder, self.data.eval,
+        result = evaluate_task(self.data.task.kind, self._forward, self.encoder, self.data.eval,
                                 self.args.eval_batch_size, select_logits=self.select_logits,
                                 progress=lambda items: self.guard.checked(bar(items)),
                                 max_new_tokens=self.args.max_new_tokens)
         record: dict[str, Any] = {"step": self.step, **result.metrics}
-        names = summary.class_names(self.data.eval)
+        names = class_names(self.data.eval)
         if result.predicted and names:
             record["predicted"] = dict(zip(names, result.predicted))
         self.evals.append(record)
@@ -162,7 +163,7 @@ class Run:
             if "predicted" in record else ""
         logger.info("step %d: eval %s on %d examples%s", self.step,
                     ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()), result.size, counts)
-        collapsed = summary.collapsed_class(record["predicted"], self.eval_labels) if "predicted" in record else None
+        collapsed = collapsed_class(record["predicted"], self.eval_labels) if "predicted" in record else None
         if collapsed is not None:
             advice = ("before training: the prompt or the label words favour it" if self.step == 0 else
                       "the loss can fall while this happens; lower --lr, or keep an earlier checkpoint")
@@ -177,7 +178,7 @@ class Run:
     # ---------------------------------------------------------------------------- training
     def train_step(self) -> dict:
         """One training step on the batch of step ``self.step``; returns its history record."""
-        examples = tasks.training_batch(self.data.train, self.args.batch_size, self.args.seed, self.step)
+        examples = training_batch(self.data.train, self.args.batch_size, self.args.seed, self.step)
         classify = self.objective == "classification"
         batch = self.encoder.classification_batch(examples) if classify else self.encoder.training_batch(examples)
         objective = candidate_cross_entropy if classify else None
@@ -311,7 +312,7 @@ class Run:
         changed = {k: (saved.get(k), _jsonable(getattr(self.args, k))) for k in RESUME_KEYS
                    if k in saved and saved.get(k) != _jsonable(getattr(self.args, k))}
         if changed:
-            raise tasks.TaskError(f"--resume: {checkpoint.path} was trained with other settings "
+            raise TaskError(f"--resume: {checkpoint.path} was trained with other settings "
                                   + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in changed.items())
                                   + "; use the same values or another --output-dir")
         self.engine.load_state_dict(checkpoint.state, weights_updated=True)

@@ -3,7 +3,7 @@
 ``ZOConfig(offloading_device="disk", offload_dir=...)``. The folder holds::
 
     store.json               what it holds: every stored unit (name, dtype, size) and the run's noise settings
-    journal.jsonl            the update log, one step per line (:class:`zo2.journal.Journal`)
+    journal.jsonl            the update log, one step per line (:class:`zo2.offload.disk.journal.Journal`)
     unit-00003-master.zo2    one file per stored buffer: a 4 KiB header (JSON: unit, buffer, dtype, numel,
                              applied steps), then the data, padded to a multiple of 4 KiB
     lock                     held (``flock``) by the one process using the folder
@@ -39,14 +39,15 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 from torch import nn
 
-from . import noise
+from ...persist.durable import replace_file, write_json
+from ...units.storage import Unit, build_unit
+from ...updates import noise
+from ...updates.log import UpdateLog
 from .aligned import ALIGN, aligned_empty, padded, typed
-from .history import UpdateLog
 from .journal import Journal
-from .storage import Unit, build_unit
 
 if TYPE_CHECKING:
-    from .config import ZOConfig
+    from ...config import ZOConfig
 
 logger = logging.getLogger(__name__)
 
@@ -218,19 +219,7 @@ class DiskStore:
 
     def write_json(self, name: str, data: Any) -> None:
         """Write a small JSON file into the folder atomically (temporary file, fsync, rename)."""
-        tmp = self.directory / f"{name}.tmp"
-        tmp.write_text(json.dumps(data))
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.directory / name)
-        self._sync_folder()
-
-    def _sync_folder(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_json(self.directory / name, data)
 
     def path(self, unit: int, name: str = MASTER) -> Path:
         """The file of buffer ``name`` of unit ``unit``."""
@@ -322,8 +311,7 @@ class DiskStore:
                 self._drop_cache(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, path)
-            self._sync_folder()
+            replace_file(tmp, path)
         except OSError as err:
             tmp.unlink(missing_ok=True)
             raise self._write_error(stored, path, err) from None

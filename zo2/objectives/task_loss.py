@@ -13,8 +13,6 @@ import torch
 from torch import nn
 from transformers.loss.loss_utils import LOSS_MAPPING
 
-from . import dual
-
 #: float32 logits the causal-LM loss materialises at once (elements): it runs over chunks of positions,
 #: so a 2048-token half with a 50k vocabulary never needs float32 copies of all its logits.
 LOSS_CHUNK = 1 << 24
@@ -84,33 +82,6 @@ def split_targets(model: nn.Module, batch: Mapping[str, Any]) -> tuple[dict, dic
     return inputs, {k: batch[k] for k in keys}
 
 
-def batch_size(inputs: Mapping[str, Any]) -> int:
-    """The batch size: dim 0 of ``input_ids`` (or ``inputs_embeds``; for other models, of the first
-    tensor input)."""
-    for key in ("input_ids", "inputs_embeds"):
-        if isinstance(inputs.get(key), torch.Tensor):
-            return int(inputs[key].shape[0])
-    for value in inputs.values():
-        if isinstance(value, torch.Tensor) and value.dim():
-            return int(value.shape[0])
-    raise ValueError(f"cannot find the batch size: no tensor input with a batch dimension among {sorted(inputs)}")
-
-
-def split_output(output: Any, part_batch: int, parts: int) -> list[Any]:
-    """The ``parts`` row blocks of a replicated-batch output (a ModelOutput, tensor or tuple): a tensor
-    whose dim 0 is f x parts x part_batch gives part k its rows [k*f*b, (k+1)*f*b); others pass whole."""
-    total = parts * part_batch
-
-    def rows(k: int):
-        def cut(_, tensor: torch.Tensor) -> torch.Tensor:
-            if tensor.dim() == 0 or tensor.shape[0] % total:
-                return tensor
-            size = tensor.shape[0] // parts
-            return tensor[k * size:(k + 1) * size]
-        return cut
-    return [dual.tree_map(rows(k), output) for k in range(parts)]
-
-
 def _count(task: str, targets: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """How many terms the task's mean loss averages: target tokens, or rows."""
     if task == "ForTokenClassification":
@@ -134,3 +105,18 @@ def loss_terms(model: nn.Module, output: Any, targets: Mapping[str, torch.Tensor
     count = _count(task, targets).to(mean.device, torch.float64)
     total = torch.where(count > 0, mean * count, torch.zeros_like(mean))  # no terms: contributes nothing
     return torch.stack((total, count))
+
+
+class TaskLoss:
+    """The model's task loss per part (causal LM cross-entropy of ``labels``, or the HF head's loss)."""
+
+    name = "task-loss"
+
+    def targets(self, model: nn.Module) -> tuple[str, ...]:
+        return target_keys(model)
+
+    def __call__(self, model: nn.Module, outputs: Any, batch: Mapping[str, Any]) -> torch.Tensor:
+        return loss_terms(model, outputs, {k: batch[k] for k in self.targets(model)})
+
+
+TASK_LOSS = TaskLoss()

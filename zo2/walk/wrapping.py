@@ -10,9 +10,9 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .models import Member, Partition
+from ..units.partition import Member, Partition
+from ..units.storage import Unit
 from .scope import Matrix
-from .storage import Unit
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The update log of a disk-offloaded run, on disk beside the masters: one JSON line per step.
 
 Written ahead: a step's line is appended and fsynced before any master file that holds the step is
-renamed into place (:meth:`zo2.disk.DiskStore.write`), so after a crash the journal covers every file
+renamed into place (:meth:`zo2.offload.disk.store.DiskStore.write`), so after a crash the journal covers every file
 and the steps a file lacks are replayed from it. A line a crash cut short is the last one; it is
 dropped (and the file truncated there) when the journal is opened again.
 """
@@ -14,7 +14,8 @@ import weakref
 from pathlib import Path
 from typing import Sequence
 
-from .history import HistoryError, Update, UpdateLog
+from ...persist.durable import write_bytes
+from ...updates.log import HistoryError, Update, UpdateLog
 
 logger = logging.getLogger(__name__)
 
@@ -29,11 +30,8 @@ class Journal:
         self.updates_per_step, self.generator = updates_per_step, generator
         self._updates: list[Update] = []
         if not (resume and path.exists() and self._read()):
-            with open(path, "w") as handle:
-                handle.write(json.dumps({"format": _FORMAT, "updates_per_step": updates_per_step,
-                                         "generator": generator}) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
+            write_bytes(path, json.dumps({"format": _FORMAT, "updates_per_step": updates_per_step,
+                                          "generator": generator}).encode() + b"\n")
         self._handle = open(path, "a")
         weakref.finalize(self, self._handle.close)
 
@@ -85,7 +83,7 @@ class Journal:
         os.fsync(self._handle.fileno())
 
     def log(self) -> UpdateLog:
-        """The journal as an :class:`~zo2.history.UpdateLog` (no applied positions)."""
+        """The journal as an :class:`~zo2.updates.log.UpdateLog` (no applied positions)."""
         return UpdateLog(self.updates_per_step, self._updates, generator=self.generator)
 
     def close(self) -> None:

@@ -9,35 +9,18 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from ...persist.durable import replace_folder, staging_folder
+
 logger = logging.getLogger(__name__)
-
-
-def replace_folder(staging: Path, target: Path) -> None:
-    """Rename the complete folder ``staging`` to ``target``, replacing an old ``target`` (set aside first,
-    removed after)."""
-    aside = None
-    if target.exists():
-        aside = target.parent / f".{target.name}.old-{os.getpid()}"
-        shutil.rmtree(aside, ignore_errors=True)
-        os.replace(target, aside)
-    os.replace(staging, target)
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
-
-
-def _staging(target: Path) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
 
 
 def link_folder(source: Path, target: Path) -> None:
     """Make ``target`` a folder of hard links to ``source``'s files (copies where the filesystem cannot
     link, with a warning)."""
-    staging = _staging(target)
+    staging = staging_folder(target)
     copied = 0
     try:
         for file in sorted(source.rglob("*")):
@@ -61,7 +44,7 @@ def link_folder(source: Path, target: Path) -> None:
 
 def save_model_folder(model: Any, tokenizer: Any, target: Path) -> None:
     """Save a plain Hugging Face folder (model + tokenizer) to ``target``, replacing an old one."""
-    staging = _staging(target)
+    staging = staging_folder(target)
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

@@ -11,7 +11,7 @@ index); they trade memory for noise work:
   that owns it, for the part being computed, right before that module runs; the copy is let go when it
   returns. One matrix exists perturbed at a time; z is generated once per part.
 
-Perturbed copies come from the engine's :class:`~zo2.storage.BufferPool`, so steps after the first
+Perturbed copies come from the engine's :class:`~zo2.units.storage.BufferPool`, so steps after the first
 allocate nothing.
 """
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .dual import leaves
-from .storage import Unit
+from ..units.storage import Unit
+from .batching import leaves
 
 if TYPE_CHECKING:
     from .walk import Walk

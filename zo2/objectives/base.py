@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from . import losses
+from .task_loss import TASK_LOSS, split_targets
 
 IGNORE_INDEX = -100
 
@@ -70,63 +70,14 @@ def terms(value: Any, where: str) -> torch.Tensor:
                     + "; an objective returns a 1-D tensor of per-example losses or a tuple (sum, count)")
 
 
-class TaskLoss:
-    """The model's task loss per part (causal LM cross-entropy of ``labels``, or the HF head's loss)."""
+def split_batch(model: nn.Module, batch: Mapping[str, Any], chosen: Objective | None
+                ) -> tuple[dict[str, Any], Callable[[Any], torch.Tensor]]:
+    """(model inputs, terms of one part's output) for ``batch`` under the objective ``chosen``.
 
-    name = "task-loss"
-
-    def targets(self, model: nn.Module) -> tuple[str, ...]:
-        return losses.target_keys(model)
-
-    def __call__(self, model: nn.Module, outputs: Any, batch: Mapping[str, Any]) -> torch.Tensor:
-        return losses.loss_terms(model, outputs, {k: batch[k] for k in self.targets(model)})
-
-
-TASK_LOSS = TaskLoss()
-
-
-def _logits(outputs: Any) -> torch.Tensor:
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    if isinstance(outputs, Mapping):
-        return outputs["logits"]
-    return outputs[0]
-
-
-def _candidate_ce(outputs: Any, batch: Mapping[str, Any]) -> torch.Tensor:
-    logits = _logits(outputs)
-    label = batch["candidate_label"].to(logits.device)
-    if "candidate_tokens" in batch:  # one row per example: the candidates are single tokens
-        last = batch["attention_mask"].sum(dim=1).to(logits.device) - 1
-        rows = logits[torch.arange(len(last), device=logits.device), last].float()
-        tokens = batch["candidate_tokens"].to(logits.device)
-        scores = torch.log_softmax(rows, dim=-1).gather(-1, tokens.expand(len(rows), -1))
-    else:  # one row per (example, candidate): the mean log-probability of the candidate's tokens
-        sums, counts = _row_logprobs(logits, batch["labels"].to(logits.device))
-        per_row = sums / counts.clamp_min(1)
-        scores = per_row.view(len(label), -1)
-    return -torch.log_softmax(scores.double(), dim=-1).gather(-1, label.view(-1, 1)).squeeze(-1)
-
-
-def _row_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    targets = labels[:, 1:]
-    rows, positions = torch.nonzero(targets != IGNORE_INDEX, as_tuple=True)
-    picked = torch.log_softmax(logits[rows, positions].float(), dim=-1).gather(
-        -1, targets[rows, positions].unsqueeze(-1)).squeeze(-1)
-    sums = torch.zeros(labels.shape[0], device=logits.device, dtype=torch.float64).index_add_(0, rows, picked.double())
-    return sums, torch.bincount(rows, minlength=labels.shape[0]).double()
-
-
-candidate_cross_entropy = Objective(_candidate_ce, ("labels", "candidate_label", "candidate_tokens"),
-                                    "candidate-cross-entropy")
-"""MeZO's train-as-classification loss: cross-entropy over the task's candidates only.
-
-Each candidate is scored by the mean log-probability of its tokens after the prompt (the evaluation's
-score), and the loss is ``-log softmax(scores)[correct]`` per example. Two batch layouts:
-
-* single-token candidates shared by the batch: one right-padded prompt row per example,
-  ``candidate_tokens`` (1, C) and ``candidate_label`` (B,); scored at each row's last real token;
-* otherwise: one row per (example, candidate), example-major, every row with the same number C of
-  candidates, ``labels`` marking each candidate's tokens and ``candidate_label`` (B,).
-
-``zo2.tasks.PromptEncoder.classification_batch`` builds either."""
+    The objective's target keys are taken out of what the model sees; ``None`` is the model's task loss
+    (:data:`~zo2.objectives.task_loss.TASK_LOSS`), whose targets depend on the model's head."""
+    if chosen is None:
+        inputs, targets = split_targets(model, batch)
+        return inputs, lambda outputs: TASK_LOSS(model, outputs, targets)
+    inputs = {k: v for k, v in batch.items() if k not in chosen.targets}
+    return inputs, lambda outputs: terms(chosen(outputs, batch), f"objective {chosen.name!r}")
