@@ -209,7 +209,7 @@ def train_worker(args) -> None:
     engine.flush()
     peaks["flush"] = _peak_rss()
     print(json.dumps({"load_s": load_s, "step_s": times, "peak_rss": peaks["flush"], "peak_rss_after": peaks,
-                      "staging_bytes": engine._scheduler.held_bytes,
+                      "staging_bytes": engine.residency.scheduler.held_bytes,
                       "disk_read_per_step": (engine.store.bytes_read - read0) / (args.steps + 1),
                       "disk_written": engine.store.bytes_written - written0,
                       "resident_bytes": sum(u.master.nbytes for u in engine.units if not u.offloaded)}))

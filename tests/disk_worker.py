@@ -116,7 +116,7 @@ def main() -> None:
         print("ERROR", err, flush=True)
         return
     if args.rss:
-        print("RSS", start, _rss_mib("VmHWM:"), engine._scheduler.held_bytes, flush=True)
+        print("RSS", start, _rss_mib("VmHWM:"), engine.residency.scheduler.held_bytes, flush=True)
     torch.save(torch.cat([unit_weights(engine, unit).reshape(-1) for unit in engine.units]), args.out)
 
 

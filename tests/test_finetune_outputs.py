@@ -12,7 +12,7 @@ from finetune_setup import data_file, finetune_args, model_dir, rows, tokenizer 
 
 from zo2 import cli
 from zo2.checkpoint import load_checkpoint
-from zo2.cli.finetune.summary import collapsed_class
+from zo2.cli.finetune.classes import collapsed_class
 
 
 def _summary(out: Path) -> dict:

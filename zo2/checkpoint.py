@@ -34,6 +34,7 @@ from .config import ZOConfig
 from .engine import ZOEngine, replay
 from .persist.durable import clear_leftovers, replace_folder, staging_folder, write_json
 from .persist.manifest import FORMAT_VERSION, MANIFEST_NAME, CheckpointError, read_json, verify_manifest, write_manifest
+from .persist.shards import save_sharded
 from .updates import noise
 from .updates.log import HistoryError, UpdateLog
 
@@ -159,8 +160,7 @@ def save_checkpoint(engine: ZOEngine, directory: str | Path, *, tokenizer: Any =
     staging = staging_folder(target)
     try:
         if engine.store is not None:  # disk-offloaded units exist only in their files: stream them out
-            from .loading import save_pretrained
-            save_pretrained(engine, staging)
+            save_sharded(engine.model, engine.units, engine.residency.unit_weights, staging)
         else:
             engine.model.save_pretrained(staging)
         if tokenizer is not None:

@@ -2,7 +2,7 @@
 
 The ranks form a grid ``direction groups x perturbation x data parallel`` (``ZOConfig.direction_parallel``,
 ``ZOConfig.perturbation_parallel``, and whatever is left of the world for data parallel). Every rank
-computes a part of each step, described by a :class:`zo2.engine.Role`:
+computes a part of each step, described by a :class:`zo2.walk.role.Role`:
 
 * data parallel: a shard of the batch (:func:`shard_batch`), every direction and side;
 * perturbation parallel: one side (+eps or -eps) of the same batch;
@@ -174,7 +174,7 @@ def _all_reduce_sum(group: dist.ProcessGroup | None):
 
 
 def role_for(config: ZOConfig, group: dist.ProcessGroup | None = None) -> Role:
-    """This process's :class:`~zo2.engine.Role` for ``config``; pass it as ``ZOEngine(..., role=...)``.
+    """This process's :class:`~zo2.walk.role.Role` for ``config``; pass it as ``ZOEngine(..., role=...)``.
 
     Joins the launcher's process group if none exists yet (:func:`init_from_env`), checks that every
     rank runs the same configuration, and places this rank in the grid. In a single process this is

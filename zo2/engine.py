@@ -1,21 +1,20 @@
-"""ZOEngine: zeroth-order training of a model's units, a thin façade over the pieces that do the work.
+"""ZOEngine: zeroth-order training of a model's units, a façade over the packages that do the work.
 
-One step: the method (:mod:`zo2.methods`) names the evaluations it needs (parts: theta + s*eps*z_k);
-they run in as few walks over the model as ``max_parts_per_walk`` allows, each walk being the model's
-own forward on the batch replicated once per part (:mod:`zo2.walk`); the per-part losses become the
-step's updates (scalars only), recorded in the update log (:mod:`zo2.history`). Each unit applies its
-pending updates the next time it is on the working device, fused with that walk's perturbation, so an
-offloaded block crosses the bus once up and once down per walk.
+One step: the method (:mod:`zo2.methods`) names the evaluations it needs (parts: theta + s*eps*z_k); the
+walk driver (:mod:`zo2.walk`) runs them in as few walks over the model as ``max_parts_per_walk`` allows,
+each the model's own forward on the batch replicated once per part, and returns every part's loss; the
+method turns those into the step's updates (scalars only), recorded in the update log
+(:mod:`zo2.updates`). Each unit applies its pending updates the next time it is on the working device,
+fused with that walk's perturbation, so an offloaded block crosses the bus once up and once down per walk.
+Where units live and when masters are written back is :mod:`zo2.offload`'s job.
 
 A step is ``accumulate`` (every walk of a micro-batch, adding per-part loss sums and counts) then
-``commit`` (one all-reduce of those statistics when distributed, then the method's decision). A
-``Role`` (:mod:`zo2.role`) says which parts this process computes, which is all data, perturbation
-and direction parallelism need from the engine. Placement is :mod:`zo2.placement`, perturbation scopes
-:mod:`zo2.scope`, member wrapping :mod:`zo2.wrapping`, transfers :mod:`zo2.scheduler`.
+``commit`` (one all-reduce of those statistics when distributed, then the method's decision). A ``Role``
+(:mod:`zo2.walk.role`) says which parts this process computes, which is all data, perturbation and
+direction parallelism need from the engine.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from typing import Any, Callable, Mapping, Sequence
@@ -23,26 +22,18 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from . import kernels
 from .config import ZOConfig
-from .kernels import apply_updates, update_and_perturb
 from .methods import Part, method_class
-from .objectives import task_loss
-from .objectives.base import Objective, as_objective, terms
-from .objectives.task_loss import TASK_LOSS
-from .offload.disk.staging import DiskTransferScheduler
+from .objectives import Objective, as_objective
 from .offload.placement import WeightSource, place
-from .offload.transfers import TransferScheduler
+from .offload.residency import Residency
 from .result import StepResult
-from .units.partition import UnsupportedModelError, find_partition, no_cache_kwargs
-from .units.storage import BufferPool, SlotPool, Unit
+from .units.partition import UnsupportedModelError, find_partition
+from .units.storage import Unit
 from .updates import noise
 from .updates.log import HistoryError, Update, UpdateLog
-from .walk import batching
+from .walk.driver import WalkDriver
 from .walk.role import STATS_COLUMNS, Role
-from .walk.scope import SCOPES, Matrix
-from .walk.walk import Walk, WalkContext
-from .walk.wrapping import Wrapped, unwrap, wrap
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +51,8 @@ class ZOEngine:
     ``objective``: what steps minimise (:mod:`zo2.objectives`; default: the model's task loss), e.g. a
     metric or a reward; ``step(batch, objective=...)`` overrides it for one step. ``probe_inputs``: a tiny
     batch of keyword arguments for the probe forward that finds the units (needed for models that are not
-    transformers models).
+    transformers models). ``weights``: where the units' weights come from when the parameters do not hold
+    them (:mod:`zo2.loading` streams them from a checkpoint).
     """
 
     def __init__(self, model: nn.Module, config: ZOConfig, *,
@@ -75,17 +67,11 @@ class ZOEngine:
         self.device = torch.device(config.working_device)
         self.lr_schedule = lr_schedule
         """Optional ``step -> lr``; ``None`` uses ``config.lr`` under ``config.lr_scheduler``."""
-        method_type = method_class(config.method)
         self.log = UpdateLog(config.num_directions, generator=noise.GENERATOR_VERSION)
         """The update history: every update, and how far each unit's master has applied it."""
-        self.method = method_type(config, self.log)
-        self._check_role()
+        self.method = method_class(config.method)(config, self.log)
+        self.role.check(self.method.parts(self.seeds(0)), config.num_directions)
         self._stats: torch.Tensor | None = None  # [parts, 2] sums of the micro-batches of the current step
-        self._forward = model.forward
-        self._no_cache = no_cache_kwargs(model)
-        self._specs: dict[tuple, dict[str, batching.MemberSpec]] = {}
-        self._walk: Walk | None = None
-        self._calibration: batching.Calibration | None = None
         partition = find_partition(model, dict(probe_inputs) if probe_inputs is not None else None)
         if config.perturbation_scope == "module" and not partition.matrices_read_by_owner:
             raise UnsupportedModelError(
@@ -94,178 +80,22 @@ class ZOEngine:
         placement = place(model, partition, config, self.device, weights)
         self.units, self.scope = placement.units, placement.scope
         """``scope``: ``"unit"`` or ``"module"``, the resolved ``ZOConfig.perturbation_scope``."""
-        self.store = placement.store
-        """The files of the disk-offloaded units (:class:`zo2.offload.disk.store.DiskStore`), or None."""
-        strategy = SCOPES[self.scope]()
-        hooks = (self._enter_matrices, self._leave_matrices) if strategy.hooks_matrices else None
-        self._wrapped, self._hooks = wrap(partition, self.units, self._member_call, matrix_hooks=hooks)
-        self._scheduler = self._make_scheduler()
-        readers = {unit.index: sum(unit in entry.units for entry in self._wrapped) for unit in self.units}
-        self._ctx = WalkContext(self.method, self.log, strategy, self._scheduler, BufferPool(self.device), readers,
-                                config.write_back_every)
+        self.residency = Residency(self.units, self.log, self.device, store=placement.store,
+                                   num_slots=config.num_slots, write_back_every=config.write_back_every,
+                                   make_scheduler=self.role.make_scheduler)
+        """Where every unit's weights are (:class:`zo2.offload.residency.Residency`)."""
+        self._driver = WalkDriver(model, partition, self.units, self.residency, self.method, self.log, self.scope,
+                                  self.device)
         self.method.prepare(self.trainable_units)
-        self._warm_up()
+        self.method.warm_up(self.trainable_units, self.device)
         logger.debug("zo2 units:\n%s", self.describe())
 
-    # ----------------------------------------------------------------------------------- set-up
-    def _check_role(self) -> None:
-        q = self.config.num_directions
-        if self.role.directions is not None and (any(d >= q for d in self.role.directions)
-                                                 or len(set(self.role.directions)) != len(self.role.directions)):
-            raise ValueError(f"Role.directions={self.role.directions!r} is invalid for ZOConfig.num_directions={q}: "
-                             f"expected distinct indices in [0, {q})")
-        parts = self.method.parts(self.seeds(0))
-        if self.role.all_reduce is None and not all(self.role.selects(p) for p in parts):
-            raise ValueError(f"{self.role} computes only part of each step: it needs Role.all_reduce to combine "
-                             "its losses with the processes that compute the rest (see zo2.distributed)")
+    # ------------------------------------------------------------------------------ what it holds
+    @property
+    def store(self):
+        """The files of the disk-offloaded units (:class:`zo2.offload.disk.store.DiskStore`), or None."""
+        return self.residency.store
 
-    def _make_scheduler(self) -> TransferScheduler | None:
-        offloaded = [u for u in self.units if u.offloaded]
-        if not offloaded:
-            return None
-        if self.store is not None:  # disk-offloaded units stream through staging buffers (zo2.staging)
-            return DiskTransferScheduler(offloaded, self.store, self.log, self.config.num_slots, self.device)
-        pool = SlotPool.for_units(self.config.num_slots, offloaded, self.device)
-        return (self.role.make_scheduler or TransferScheduler)(offloaded, pool, self.device)
-
-    def _kernel_args(self) -> dict[str, Any]:
-        cfg = self.config
-        return dict(noise_kind=cfg.noise, weight_decay=cfg.weight_decay, backend=cfg.kernels)
-
-    def _warm_up(self) -> None:
-        """Run the update and perturbation calls of a step once on a scratch buffer, so that compiling
-        them (building the fused CPU kernel, Triton's JIT) happens at load time and not in the first step."""
-        size = min(max((u.numel for u in self.trainable_units), default=1), kernels.WARM_UP_NUMEL)
-        kwargs = self._kernel_args()
-        pending = [Update(seed=0, projected_grad=0.0, lr=0.0)]
-        signs = sorted({p.sign for p in self.method.parts(self.seeds(0)) if p.sign}, reverse=True)
-        for dtype in {u.master.dtype for u in self.trainable_units}:
-            buffer = torch.zeros(size, dtype=dtype, device=self.device)
-            scratch = Unit(index=0, name="warm-up", params=[], master=buffer, offloaded=False, n_decay=size // 2)
-            apply_updates(buffer, scratch, pending, **kwargs)  # flush, and module scope's update pass
-            for updates, chosen in ((pending, signs), ((), signs), *(((), [s]) for s in signs)):
-                update_and_perturb(buffer, scratch, updates, 0, self.config.eps, signs=chosen, **kwargs)
-
-    # ---------------------------------------------------------------------------- member calls
-    def _member_call(self, entry: Wrapped, args: tuple, kwargs: dict) -> Any:
-        if self._walk is not None:
-            return self._walk.member(entry, args, kwargs)
-        return self._plain_member(entry, args, kwargs)
-
-    def _enter_matrices(self, matrices: list[Matrix]) -> None:
-        if self._walk is not None:
-            self._ctx.scope.enter_part(self._walk, matrices)
-
-    def _leave_matrices(self, matrices: list[Matrix], output: Any) -> None:
-        if self._walk is not None:
-            self._ctx.scope.leave_part(self._walk, matrices, output)
-
-    def _sync(self, unit: Unit) -> torch.Tensor:
-        """Apply the unit's pending updates; return a working-device buffer holding its weights.
-
-        For an offloaded unit the buffer is a slot: the caller releases it."""
-        buffer = self._scheduler.acquire(unit) if unit.offloaded else unit.master
-        steps = self.log.pending(unit.index) if unit.trainable else range(0)
-        if steps:
-            self.method.apply(buffer, unit, steps)
-            self.log.mark_applied(unit.index)
-            if unit.offloaded:
-                self._scheduler.write_back(unit, buffer)
-        return buffer
-
-    def _plain_member(self, entry: Wrapped, args: tuple, kwargs: dict) -> Any:
-        streamed, stand_ins = [], []
-        for unit in entry.units:
-            if unit.offloaded and self._calibration is not None:
-                # calibration records shapes only: zero weights of the right size, and no upload
-                stand_ins.append(unit)
-                unit.point_params_at(torch.zeros(unit.numel, dtype=unit.master.dtype, device=self.device))
-                continue
-            buffer = self._sync(unit)
-            if unit.offloaded:
-                unit.point_params_at(buffer)
-                streamed.append(unit)
-        try:
-            output = entry.forward(*args, **kwargs)
-        finally:
-            for unit in stand_ins + streamed:
-                unit.point_params_at(unit.master)
-            for unit in streamed:
-                self._scheduler.release(unit)
-        if self._calibration is not None:
-            self._calibration.record(entry.member.name, args, kwargs, output)
-        return output
-
-    # -------------------------------------------------------------------------------- forwards
-    @contextlib.contextmanager
-    def _forward_context(self, streaming: bool = True):
-        """Eval mode (no dropout: every part must see the same function), no autograd, and every
-        parameter pointed back at its master afterwards, even when the forward raised. ``streaming``
-        starts the prefetch of offloaded units (calibration streams nothing)."""
-        was_training = self.model.training
-        self.model.eval()
-        if self._scheduler is not None and streaming:
-            self._scheduler.restart()
-        try:
-            with torch.no_grad():
-                yield
-        except BaseException:  # members re-point their parameters as they finish; an abort may skip that
-            for unit in self.units:
-                unit.point_params_at(unit.master)
-            raise
-        finally:
-            self.model.train(was_training)
-            if self._scheduler is not None:
-                self._scheduler.reset()
-
-    def _call_model(self, inputs: Mapping[str, Any]) -> Any:
-        return self._forward(**inputs, **self._no_cache)
-
-    def _calibrated(self, inputs: dict[str, Any], batch: int) -> dict[str, batching.MemberSpec]:
-        key = batching.batch_signature(inputs)
-        if key not in self._specs:
-            self._calibration = batching.Calibration()
-            try:
-                for run, rows in enumerate(batching.calibration_rows(inputs, batch)):
-                    self._calibration.run = run
-                    with self._forward_context(streaming=False):
-                        self._call_model(batching.calibration_inputs(inputs, batch, rows))
-                self._specs[key] = self._calibration.specs()
-            finally:
-                self._calibration = None
-        return self._specs[key]
-
-    def _to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-    def _split(self, batch: dict[str, Any], objective: Objective | None) -> tuple[dict[str, Any], Callable]:
-        """(model inputs, per-part terms function) of a batch under ``objective``."""
-        if objective is None:
-            inputs, targets = task_loss.split_targets(self.model, batch)
-            return inputs, lambda out: TASK_LOSS(self.model, out, targets)
-        inputs = {k: v for k, v in batch.items() if k not in objective.targets}
-        return inputs, lambda out: terms(objective(out, batch), f"objective {objective.name!r}")
-
-    def _walk_stats(self, inputs: dict[str, Any], terms_of: Callable, parts: list[Part], eps: float,
-                    batch: int) -> torch.Tensor:
-        """Run one walk over ``parts``; return each part's (loss sum, count) as a [parts, 2] float64 tensor."""
-        count = len(parts)
-        specs = self._calibrated(inputs, batch) if count > 1 else {}
-        with self._forward_context():
-            self._walk = Walk(self._ctx, parts, eps, batch, specs)
-            try:
-                output = self._call_model(batching.replicate_batch(inputs, batch, count) if count > 1 else inputs)
-            except BaseException:
-                self._walk.abandon()
-                raise
-            finally:
-                self._walk = None
-        outputs = batching.split_output(output, batch, count) if count > 1 else [output]
-        with torch.no_grad():
-            terms = [terms_of(out).to(torch.float64) for out in outputs]
-        return torch.stack([t.to(terms[0].device) for t in terms]).cpu()  # one device sync per walk
-
-    # ------------------------------------------------------------------------------ public API
     @property
     def trainable_units(self) -> list[Unit]:
         """The units holding trainable parameters (the ones perturbed and updated)."""
@@ -290,23 +120,19 @@ class ZOEngine:
         """The evaluations of ``step`` (default: the current one), in the method's order."""
         return self.method.parts(self.seeds(self.step_count if step is None else step))
 
+    # ---------------------------------------------------------------------------- the step protocol
     def accumulate(self, batch: Mapping[str, Any], objective: Objective | Callable | None = None) -> None:
         """Evaluate this process's parts of the current step on one (micro-)batch.
 
         ``batch`` is a dict of model inputs plus ``labels`` (or the objective's targets). Every micro-batch
         of a step sees the same weights and seeds; ``commit`` turns their summed losses into the update.
         ``objective`` overrides the engine's for this batch."""
-        chosen_objective = as_objective(objective) or self.objective
-        inputs, terms_of = self._split(self._to_device(batch), chosen_objective)
-        batch_rows = batching.batch_size(inputs)
         parts = self.parts()
         chosen = [i for i, part in enumerate(parts) if self.role.selects(part)]
-        cap = self.config.max_parts_per_walk or len(chosen)
-        eps = self.config.eps_at(self.step_count)
         stats = torch.zeros(len(parts), len(STATS_COLUMNS), dtype=torch.float64)
-        for first in range(0, len(chosen), cap):
-            group = chosen[first:first + cap]
-            stats[group] = self._walk_stats(inputs, terms_of, [parts[i] for i in group], eps, batch_rows)
+        stats[chosen] = self._driver.evaluate(batch, as_objective(objective) or self.objective,
+                                              [parts[i] for i in chosen], self.config.eps_at(self.step_count),
+                                              self.config.max_parts_per_walk)
         self._stats = stats if self._stats is None else self._stats + stats
 
     def _lr(self, step: int, lr: float | None) -> float:
@@ -348,6 +174,7 @@ class ZOEngine:
             self.accumulate(micro_batch, objective)
         return self.commit(lr)
 
+    # ------------------------------------------------------------------------------------ state
     def state_dict(self, *, include_log: bool = True) -> dict[str, Any]:
         """JSON-serialisable training state: the step count, the config, the method's own state and
         (unless ``include_log=False``, for checkpoints that keep the log in their seed log) the update log."""
@@ -367,9 +194,8 @@ class ZOEngine:
             if saved.get(name, getattr(self.config, name)) != getattr(self.config, name):
                 raise ValueError(f"the state was trained with ZOConfig.{name}={saved[name]!r}, this engine has "
                                  f"{getattr(self.config, name)!r}: the updates' z would differ")
-        log = state.get("log", state)
         try:
-            loaded = UpdateLog.from_json(log, updates_per_step=self.method.updates_per_step,
+            loaded = UpdateLog.from_json(state.get("log", state), updates_per_step=self.method.updates_per_step,
                                          generator=noise.GENERATOR_VERSION)
         except HistoryError as err:
             raise ValueError(f"the training state {err}") from None
@@ -382,6 +208,7 @@ class ZOEngine:
         self.method.load_state_dict(state.get("method_state", {}))
         self._stats = None
 
+    # --------------------------------------------------------------------------- the plain model
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The model's normal forward with the current weights (pending updates applied first),
         in eval mode and without autograd; offloaded blocks stream through the slots.
@@ -389,50 +216,26 @@ class ZOEngine:
         Tensor arguments are moved to the working device; ``use_cache`` defaults to False (pass
         ``use_cache=True`` explicitly, as ``generate`` does, to build a KV cache)."""
         self.flush()
-        args = batching.tree_map(lambda _, t: t.to(self.device), args)
-        kwargs = batching.tree_map(lambda _, t: t.to(self.device), kwargs)
-        for key, value in self._no_cache.items():
-            kwargs.setdefault(key, value)
-        with self._forward_context():
-            return self._forward(*args, **kwargs)
+        return self._driver.forward(*args, **kwargs)
 
     def flush(self) -> None:
         """Apply every pending update to the masters (before evaluation, saving or export)."""
-        for unit in self.trainable_units:
-            if self.log.pending(unit.index):
-                self._sync(unit)
-                if unit.offloaded:
-                    self._scheduler.release(unit)
-        if self._scheduler is not None:
-            self._scheduler.synchronize_host()
-            self._scheduler.reset()
+        self.residency.flush(self.method.apply)
 
     def detach(self) -> nn.Module:
         """Flush, remove zo2's wrappers and return the model; its parameters stay views of the masters
         (offloaded blocks on the offloading device: call ``.to(device)`` to gather them)."""
         self.flush()
-        unwrap(self._wrapped, self._hooks)
-        self._wrapped, self._hooks = [], []
-        self._ctx.pool.clear()
+        self._driver.unwrap()
         return self.model
 
     def bytes_moved(self) -> tuple[int, int]:
         """(bytes uploaded to, bytes written back from) the working device since construction."""
-        if self._scheduler is None:
-            return 0, 0
-        return self._scheduler.bytes_up, self._scheduler.bytes_down
+        return self.residency.bytes_moved()
 
     def describe(self) -> str:
         """A table of the units: name, parameters, dtype and where the master lives."""
-        rows = [f"method: {self.config.method}", f"perturbation scope: {self.scope}",
-                f"{'unit':<14}{'params':>14}  {'dtype':<10}where"]
-        for unit in self.units:
-            where = f"{unit.master.device} ({'offloaded' if unit.offloaded else 'resident'}"
-            if self.store is not None and self.store.holds(unit):
-                where = f"disk ({self.store.path(unit.index).name}"
-            where += ")" if unit.trainable else ", frozen)"
-            rows.append(f"{unit.name:<14}{unit.numel:>14,}  {str(unit.master.dtype).replace('torch.', ''):<10}{where}")
-        return "\n".join(rows)
+        return f"method: {self.config.method}\nperturbation scope: {self.scope}\n{self.residency.describe()}"
 
 
 def replay(model: nn.Module, updates: Sequence[Update], config: ZOConfig) -> ZOEngine:

@@ -14,7 +14,7 @@ How a load proceeds:
    (rotary ``inv_freq``, embedding scales) are initialised as ``from_pretrained`` initialises them
    (:func:`zo2.persist.compat.initialize_missing_buffers`); persistent ones are read from the checkpoint.
 3. The engine places the units one at a time: every parameter's tensor is read from its shard straight
-   into its view of the unit's master (:mod:`zo2.shards`, the page cache dropped behind), resident or
+   into its view of the unit's master (:mod:`zo2.persist.shards`, the page cache dropped behind), resident or
    in host memory; a disk unit is assembled in one staging buffer and written to its file. Host memory
    peaks at the resident units plus one block.
 
@@ -25,7 +25,6 @@ the files and journal in ``offload_dir``.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import mmap
 import os
@@ -36,12 +35,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .checkpoint import load_checkpoint
 from .config import ZOConfig
 from .engine import ZOEngine
-from .offload.disk.store import MASTER, DiskOffloadError
+from .offload.disk.store import DiskOffloadError
 from .offload.placement import WeightSource
 from .persist import compat
-from .persist.shards import INDEX_NAME, CheckpointReader, ShardError, write_shard
+from .persist.shards import CheckpointReader, ShardError, save_sharded
 from .units.storage import Unit
 from .updates.log import UpdateLog
 from .walk.role import Role
@@ -168,8 +168,6 @@ def from_checkpoint(directory: str | os.PathLike, config: ZOConfig, *, model_cla
     """An engine restored from a ``zo2.checkpoint.save_checkpoint`` folder (verified first), streamed:
     the saved (flushed) weights in their saved dtype and the saved engine state; training continues as if
     it had never stopped. ``resume`` as :func:`from_pretrained`'s (a disk run after that checkpoint)."""
-    from .checkpoint import load_checkpoint
-
     checkpoint = load_checkpoint(directory)
     log = UpdateLog.from_json(checkpoint.state["log"], updates_per_step=config.num_directions)
     engine = from_pretrained(directory, config, model_class=model_class, dtype="auto", resume=resume, base=log)
@@ -217,35 +215,11 @@ def _resume(engine: ZOEngine) -> None:
 
 def unit_weights(engine: ZOEngine, unit: Unit) -> torch.Tensor:
     """A unit's current master on the CPU (read from its file for a disk unit); flush the engine first."""
-    if engine.store is not None and engine.store.holds(unit, MASTER):
-        return engine.store.read_tensor(unit.index)
-    return unit.master.detach().cpu()
+    return engine.residency.unit_weights(unit)
 
 
 def save_pretrained(engine: ZOEngine, directory: str | os.PathLike) -> Path:
     """Flush and save the model as a Hugging Face folder (``from_pretrained`` loads it), one safetensors
     shard per unit, reading one unit at a time: host memory holds one unit, whatever the model's size."""
     engine.flush()
-    folder = Path(directory)
-    folder.mkdir(parents=True, exist_ok=True)
-    model = engine.model
-    first_name = {id(p): name for name, p in model.named_parameters()}  # a tied weight is saved once
-    params = {id(p) for p in model.parameters()}
-    buffers = {name: t for name, t in model.state_dict(keep_vars=True).items() if id(t) not in params}
-    units = [u for u in engine.units if u.params]
-    weight_map, total = {}, 0
-    for number, unit in enumerate(units, start=1):
-        weights = unit_weights(engine, unit)
-        tensors = {first_name[id(p)]: weights[start:start + p.numel()].view(p.shape)
-                   for p, start in zip(unit.params, unit.offsets)}
-        if number == len(units):
-            tensors.update({name: t.detach().cpu().contiguous() for name, t in buffers.items()})
-        shard = f"model-{number:05d}-of-{len(units):05d}.safetensors"
-        total += write_shard(folder / shard, tensors)
-        weight_map.update(dict.fromkeys(tensors, shard))
-    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                indent=2))
-    model.config.save_pretrained(folder)
-    if model.can_generate() and getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(folder)
-    return folder
+    return save_sharded(engine.model, engine.units, engine.residency.unit_weights, directory)

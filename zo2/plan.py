@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .config import ZOConfig
+from .objectives.task_loss import LOSS_CHUNK
 from .offload.budget import (
     LOCATIONS,
     BudgetError,
@@ -110,8 +111,6 @@ def activation_bytes(config, batch_size: int, seq_len: int, dtype: torch.dtype, 
     every part's plus their concatenation while the head merges them, or the merged logits plus the
     float32 chunk the loss works on (``zo2.objectives.task_loss.LOSS_CHUNK``). Attention scores are not counted (SDPA /
     flash attention do not materialise them)."""
-    from .objectives.task_loss import LOSS_CHUNK
-
     d, size = _dims(config), dtype.itemsize
     tokens = batch_size * seq_len
     hidden = parts * tokens * d["hidden"] * size * 4

@@ -33,7 +33,7 @@ from ..methods import METHODS
 from ..tasks import TASKS, TRUNCATION_SIDES, TaskError
 from ..units.partition import UnsupportedModelError
 from ..updates.schedules import SCHEDULES
-from ..walk.batching import DualForwardError
+from ..walk.batching import BatchLayoutError
 from .finetune import EMBEDDED_MODEL, GENERIC_TASKS, RunInterrupted, run
 from .finetune.report import format_summary
 from .plan import add_plan_command
@@ -344,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = args.handler(args)
     except (TaskError, ZOConfigError, FileNotFoundError, UnsupportedModelError, CheckpointError) as err:
         raise SystemExit(_fail(name, 2, f"error: {err}"))
-    except (FloatingPointError, DualForwardError) as err:
+    except (FloatingPointError, BatchLayoutError) as err:
         raise SystemExit(_fail(name, 1, f"training failed: {err}"))
     except RunInterrupted as stop:
         raise SystemExit(_fail(name, INTERRUPTED, stop.describe(shlex.join(["zo2", *argv]))))

@@ -5,7 +5,7 @@ Every backend computes, for elements [offset, offset + numel) of a unit laid out
     theta <- theta - lr * (g * z(seed) + weight_decay * theta)      (per pending update, in order)
     copy_s = theta + s * eps * z(seed')                               (per sign s)
 
-with z regenerated from its seed (:mod:`zo2.noise`), never stored. Backends (``ZOConfig.kernels``):
+with z regenerated from its seed (:mod:`zo2.updates.noise`), never stored. Backends (``ZOConfig.kernels``):
 
 * ``"torch"``: :mod:`zo2.kernels.torch_path`, plain eager torch chunk by chunk: the reference;
 * ``"cpu"``: :mod:`zo2.kernels.cpu_fused`, one fused C++ pass per 1024-element block (CPU buffers of
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -38,7 +38,7 @@ WARM_UP_NUMEL = 4096
 """Elements of the scratch buffer that warms a backend up (builds or compiles it) before a first step."""
 
 __all__ = ["BACKENDS", "WARM_UP_NUMEL", "apply_updates", "default_backend", "generate", "resolve",
-           "stochastic_round", "triton_available", "update_and_perturb", "use_triton"]
+           "stochastic_round", "triton_available", "update_and_perturb", "use_triton", "warm_up"]
 
 
 def default_backend() -> str:
@@ -99,7 +99,24 @@ def generate(kind: str, seed: int, unit: int, start: int, count: int, *, stream:
              device: torch.device | str = "cpu", backend: str = "auto") -> torch.Tensor:
     """:func:`zo2.updates.noise.generate` for the plain-torch update rules of some methods: on the CPU, under
     ``backend`` "auto" (when the kernel builds) or "cpu", by the fused kernel's generator, which gives the
-    same bits about ten times faster than the torch path; elsewhere by :mod:`zo2.noise` itself."""
+    same bits about ten times faster than the torch path; elsewhere by :mod:`zo2.updates.noise` itself."""
     if torch.device(device).type == "cpu" and resolve(torch.empty(0), backend) == "cpu":  # validates backend
         return cpu_fused.generate(kind, seed, unit, start, count, stream=stream)
     return noise.generate(kind, seed, unit, start, count, stream=stream, device=device)
+
+
+def warm_up(dtypes: Iterable[torch.dtype], device: torch.device, numel: int, signs: Sequence[int], eps: float, *,
+            noise_kind: str, weight_decay: float, backend: str = "auto") -> None:
+    """Run every call a step makes (a flush, update-and-perturb with all ``signs``, with none and with each
+    alone) once on a scratch buffer of at most :data:`WARM_UP_NUMEL` elements per master dtype, so that
+    building the fused CPU kernel or Triton's JIT happens at load time and not in the first step."""
+    size = min(max(numel, 1), WARM_UP_NUMEL)
+    kwargs = dict(noise_kind=noise_kind, weight_decay=weight_decay, backend=backend)
+    pending = [Update(seed=0, projected_grad=0.0, lr=0.0)]
+    signs = sorted(set(signs), reverse=True)
+    for dtype in set(dtypes):
+        buffer = torch.zeros(size, dtype=dtype, device=device)
+        scratch = Unit(index=0, name="warm-up", params=[], master=buffer, offloaded=False, n_decay=size // 2)
+        apply_updates(buffer, scratch, pending, **kwargs)  # flush, and module scope's update pass
+        for updates, chosen in ((pending, signs), ((), signs), *(((), [s]) for s in signs)):
+            update_and_perturb(buffer, scratch, updates, 0, eps, signs=chosen, **kwargs)

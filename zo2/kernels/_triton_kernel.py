@@ -1,6 +1,6 @@
 """Triton kernels behind :mod:`zo2.kernels.triton_path` (imported lazily: this module imports triton).
 
-The noise is :mod:`zo2.noise`'s Philox-4x32-10 with the same counter layout, generated in
+The noise is :mod:`zo2.updates.noise`'s Philox-4x32-10 with the same counter layout, generated in
 registers: key = the 64-bit seed, counter = (c low word, unit, stream, c high word), where c is
 j // 4 for Gaussian and uniform values (element j takes output j % 4) and j // 128 for Rademacher
 signs (bit j % 32 of output (j % 128) // 32). Every arithmetic step mirrors the torch reference in
@@ -46,7 +46,7 @@ def _philox(seed, first_counter, unit, STREAM: tl.constexpr, N: tl.constexpr):
 
 @triton.jit
 def _to_unit_float(words):
-    """uint32 words -> float32 in [0, 1), as ``tl.uint_to_uniform_float`` and zo2.noise."""
+    """uint32 words -> float32 in [0, 1), as ``tl.uint_to_uniform_float`` and zo2.updates.noise."""
     x = words.to(tl.int32, bitcast=True)
     return tl.where(x < 0, ~x, x).to(tl.float32) * 4.6566127342e-10
 

@@ -137,7 +137,7 @@ INLINE CosSin cos_sin_2pi(float u) {
   return {float_of(cos_bits ^ (((quadrant + 1u) & 2u) << 30)), float_of(sin_bits ^ ((quadrant & 2u) << 30))};
 }
 
-// The pair transform of zo2.noise._gaussian_chunk: radius sqrt(-2 log u1), angle 2 pi u2.
+// The pair transform of zo2.updates.noise._gaussian_chunk: radius sqrt(-2 log u1), angle 2 pi u2.
 void box_muller(const uint32_t* __restrict w1, const uint32_t* __restrict w2, float* __restrict n1,
                 float* __restrict n2, int n) {
   for (int i = 0; i < n; ++i) {
@@ -313,7 +313,7 @@ void zo2_update_perturb(void* buffer, void* plus, void* minus, int dtype, int64_
   for (auto& thread : threads) thread.join();
 }
 
-// Noise of kind for elements [start, start + count) into out (to check the kernel against zo2.noise).
+// Noise of kind for elements [start, start + count) into out (to check the kernel against zo2.updates.noise).
 void zo2_noise(float* out, int kind, uint64_t seed, uint32_t unit, uint32_t stream, int64_t start, int64_t count) {
   alignas(64) float block[BLOCK];
   for (int64_t b = start / BLOCK; b * BLOCK < start + count; ++b) {

@@ -2,7 +2,7 @@
 
 One launch per unit applies the pending updates to the buffer in place (weight decay on
 [0, n_decay), stochastic rounding for bf16/fp16 buffers) and writes buffer + eps*z and/or
-buffer - eps*z of the new seed; z is generated in registers from :mod:`zo2.noise`'s counter
+buffer - eps*z of the new seed; z is generated in registers from :mod:`zo2.updates.noise`'s counter
 layout and never stored. Semantics are those of :mod:`zo2.kernels.torch_path`.
 
 CPU tensors run here only under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is
@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from types import ModuleType
-from typing import Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 
@@ -34,11 +33,20 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-@functools.cache
-def _triton() -> ModuleType:
-    from . import _triton_kernel  # imports triton: deferred so TRITON_INTERPRET can be set first
+class _Kernels(NamedTuple):
+    """The compiled kernels of :mod:`._triton_kernel` and the noise kinds they take."""
 
-    return _triton_kernel
+    kinds: dict[str, int]
+    update_perturb: Any
+    noise: Any
+
+
+@functools.cache
+def _triton() -> _Kernels:
+    # importing the kernels imports triton: deferred to first use, so that TRITON_INTERPRET can be set first
+    from ._triton_kernel import KINDS, noise_kernel, update_perturb_kernel
+
+    return _Kernels(KINDS, update_perturb_kernel, noise_kernel)
 
 
 def _as_int64(seed: int) -> int:
@@ -76,11 +84,11 @@ def _launch(buffer: torch.Tensor, unit: Unit, updates: Sequence[Update], seed: i
     n = buffer.numel()
     if n == 0 or (not updates and not outputs):
         return
-    module = _triton()
+    kernels = _triton()
     seeds, coefs, decays = _parameters(tuple(updates), seed, float(weight_decay), buffer.device)
-    module.update_perturb_kernel[(_cdiv(offset % BLOCK + n, BLOCK),)](
+    kernels.update_perturb[(_cdiv(offset % BLOCK + n, BLOCK),)](
         buffer, outputs.get(1, buffer), outputs.get(-1, buffer), seeds, coefs, decays, len(updates), n, offset,
-        unit.n_decay, unit.index, float(eps), KIND=module.KINDS[noise_kind], UPDATE=bool(updates),
+        unit.n_decay, unit.index, float(eps), KIND=kernels.kinds[noise_kind], UPDATE=bool(updates),
         ROUND=buffer.dtype != torch.float32, PLUS=1 in outputs, MINUS=-1 in outputs, BLOCK=BLOCK)
 
 
@@ -103,14 +111,14 @@ def apply_updates(buffer: torch.Tensor, unit: Unit, updates: Sequence[Update], *
 def generate(kind: str, seed: int, unit: int, start: int, count: int, *, stream: int = noise.PERTURBATION_STREAM,
              device: torch.device | str = "cpu") -> torch.Tensor:
     """:func:`zo2.updates.noise.generate` by the kernel's own generator (to check it against the torch one)."""
-    module = _triton()
-    if kind not in module.KINDS:
-        raise ValueError(f"unknown noise kind {kind!r}; expected one of {sorted(module.KINDS)}")
+    kernels = _triton()
+    if kind not in kernels.kinds:
+        raise ValueError(f"unknown noise kind {kind!r}; expected one of {sorted(kernels.kinds)}")
     if count < 0 or start < 0:
         raise ValueError(f"noise range must be non-negative, got start={start}, count={count}")
     first = start - start % BLOCK  # programs start at multiples of BLOCK
     out = torch.empty(start - first + count, dtype=torch.float32, device=device)
     if out.numel():
-        module.noise_kernel[(_cdiv(out.numel(), BLOCK),)](
-            out, _as_int64(seed), out.numel(), first, unit, KIND=module.KINDS[kind], STREAM=stream, BLOCK=BLOCK)
+        kernels.noise[(_cdiv(out.numel(), BLOCK),)](
+            out, _as_int64(seed), out.numel(), first, unit, KIND=kernels.kinds[kind], STREAM=stream, BLOCK=BLOCK)
     return out[start - first:]

@@ -16,20 +16,29 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Protocol, Sequence
 
 import torch
 
-from ..kernels import apply_updates, generate, stochastic_round, update_and_perturb
+from ..kernels import apply_updates, generate, stochastic_round, update_and_perturb, warm_up
 from ..units.storage import Unit
 from ..updates import noise
 from ..updates.log import Update, UpdateLog
 
-if TYPE_CHECKING:  # config imports this package
-    from ..config import ZOConfig
-
 SIDES = ("plus", "minus", "clean")
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class MethodSettings(Protocol):
+    """The settings a method reads: :class:`zo2.ZOConfig` provides them (the config imports the methods'
+    registry to validate its fields, so methods name only what they read, not the config class)."""
+
+    method_options: Mapping[str, Any]
+    num_directions: int
+    noise: str
+    eps: float
+    weight_decay: float
+    kernels: str
 
 
 @dataclass(frozen=True)
@@ -100,7 +109,7 @@ class Method:
     fused_kernels: ClassVar[bool] = True
     """Whether the update rule runs on :mod:`zo2.kernels` (fused on CUDA); others run plain torch."""
 
-    def __init__(self, config: "ZOConfig", log: UpdateLog) -> None:
+    def __init__(self, config: MethodSettings, log: UpdateLog) -> None:
         self.config = config
         self.options = build_options(type(self), config.method_options)
         self.log = log
@@ -150,6 +159,13 @@ class Method:
     # ------------------------------------------------------------------------------ set-up, state
     def prepare(self, units: Sequence[Unit]) -> None:
         """Called once the units are built, before any step (e.g. to read the initial weights)."""
+
+    def warm_up(self, units: Sequence[Unit], device: torch.device) -> None:
+        """Build or compile the update rule's kernels now (:func:`zo2.kernels.warm_up`), for the dtypes of
+        ``units`` and the signs of this method's parts, so that the first step does not pay for it."""
+        signs = [p.sign for p in self.parts([0] * self.directions) if p.sign]
+        warm_up({u.master.dtype for u in units}, device, max((u.numel for u in units), default=1), signs,
+                self.config.eps, **self._kernel_args())
 
     def state_dict(self) -> dict[str, Any]:
         """The method's own JSON-able state beyond the update log (most methods: none)."""

@@ -4,7 +4,7 @@ Units are built one at a time into flat masters (:func:`zo2.units.storage.build_
 working device or offloaded (to host memory, or to files with ``offloading_device="disk"``), so
 building them never holds two copies of the model. Where each block goes comes from
 ``ZOConfig.offloading_blocks`` or the memory budgets, by the one rule of
-:func:`zo2.plan.block_locations` that ``zo2 plan`` also applies. A :class:`WeightSource` lets the
+:func:`zo2.offload.budget.block_locations` that ``zo2 plan`` also applies. A :class:`WeightSource` lets the
 units be filled from elsewhere than the parameters (``zo2.loading`` streams them from a checkpoint).
 """
 from __future__ import annotations
@@ -18,10 +18,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import ZOConfig
-from ..plan import block_locations, model_sizes, resolve_scope
 from ..units.partition import Partition
 from ..units.storage import Unit, build_unit
 from ..updates.log import UpdateLog
+from .budget import block_locations, model_sizes, resolve_scope
 from .disk.store import DiskStore, build_buffer, open_store
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class WeightSource:
     """Disk offload: keep the masters already in ``offload_dir`` (a restart) instead of filling them."""
     base: UpdateLog | None = None
     """The updates these weights already hold (a checkpoint saved after training), so that disk files
-    built from them are labelled with their steps (:mod:`zo2.disk`)."""
+    built from them are labelled with their steps (:mod:`zo2.offload.disk.store`)."""
 
 
 def unit_params(partition: Partition) -> list[tuple[str, list[nn.Parameter]]]:
@@ -123,7 +123,7 @@ def _unit_specs(partition: Partition, config: ZOConfig, locations: list[str]) ->
 def place(model: nn.Module, partition: Partition, config: ZOConfig, device: torch.device,
           source: WeightSource | None = None) -> Placement:
     """Build every unit's flat master, one unit at a time (never two copies of the model); disk units
-    are assembled in one staging buffer and written to their files (:mod:`zo2.disk`)."""
+    are assembled in one staging buffer and written to their files (:mod:`zo2.offload.disk.store`)."""
     blocks = _block_locations(model, config, partition.matrices_read_by_owner, device)
     specs = _unit_specs(partition, config, ["device", *blocks, "device"])  # [embedding, blocks..., head]
     offload_device = torch.device("cpu" if config.offloads_to_disk else config.offloading_device)

@@ -18,9 +18,12 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
+from torch import nn
+
+from ..units.storage import Unit
 
 logger = logging.getLogger(__name__)
 
@@ -167,3 +170,34 @@ def write_shard(path: Path, tensors: Mapping[str, torch.Tensor]) -> int:
         handle.flush()
         os.fsync(handle.fileno())
     return offset
+
+
+
+def save_sharded(model: nn.Module, units: Sequence[Unit], weights_of: Callable[[Unit], torch.Tensor],
+                 directory: str | os.PathLike) -> Path:
+    """Save ``model`` as a Hugging Face folder with one safetensors shard per unit, each unit's flat weights
+    coming from ``weights_of(unit)`` (a CPU tensor laid out like its master), one unit at a time: host
+    memory holds one unit, whatever the model's size. Buffers go into the last shard; a tied weight is
+    saved once, under its first name."""
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    first_name = {id(p): name for name, p in model.named_parameters()}
+    params = {id(p) for p in model.parameters()}
+    buffers = {name: t for name, t in model.state_dict(keep_vars=True).items() if id(t) not in params}
+    units = [u for u in units if u.params]
+    weight_map, total = {}, 0
+    for number, unit in enumerate(units, start=1):
+        weights = weights_of(unit)
+        tensors = {first_name[id(p)]: weights[start:start + p.numel()].view(p.shape)
+                   for p, start in zip(unit.params, unit.offsets)}
+        if number == len(units):
+            tensors.update({name: t.detach().cpu().contiguous() for name, t in buffers.items()})
+        shard = f"model-{number:05d}-of-{len(units):05d}.safetensors"
+        total += write_shard(folder / shard, tensors)
+        weight_map.update(dict.fromkeys(tensors, shard))
+    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                indent=2))
+    model.config.save_pretrained(folder)
+    if model.can_generate() and getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    return folder

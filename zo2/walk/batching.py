@@ -20,8 +20,9 @@ from transformers.utils import ModelOutput
 Path = tuple
 
 
-class DualForwardError(RuntimeError):
-    """A module's inputs or outputs cannot be split into, or merged from, the two halves."""
+class BatchLayoutError(RuntimeError):
+    """A module's inputs or outputs cannot be split into the parts of a walk, or its outputs merged from them:
+    their batch layout is not what calibration found (was ``DualForwardError``, when a walk had two halves)."""
 
 
 def leaves(obj: Any, path: Path = ()) -> Iterator[tuple[Path, torch.Tensor]]:
@@ -87,7 +88,7 @@ def _factors(first: dict[Path, int], second: dict[Path, int], batches: tuple[int
         elif a % batches[0] == 0 and b % batches[1] == 0 and a // batches[0] == b // batches[1]:
             factors[path] = a // batches[0]
         else:
-            raise DualForwardError(f"{where} {path}: dim 0 is {a} at batch {batches[0]} and {b} at batch "
+            raise BatchLayoutError(f"{where} {path}: dim 0 is {a} at batch {batches[0]} and {b} at batch "
                                    f"{batches[1]}; it neither scales with the batch nor stays fixed")
     return factors
 
@@ -131,14 +132,14 @@ def split_inputs(spec: MemberSpec, args: tuple, kwargs: dict, part_batch: int, p
             if tensor.shape[0] == total:
                 factor = 1
             elif tensor.shape[0] % total == 0:
-                raise DualForwardError(f"{name}: input {path} of shape {tuple(tensor.shape)} was not seen "
+                raise BatchLayoutError(f"{name}: input {path} of shape {tuple(tensor.shape)} was not seen "
                                        "during calibration and its batch layout is ambiguous")
             else:
                 factor = None
         if factor is None:
             continue
         if tensor.shape[0] != factor * total:
-            raise DualForwardError(f"{name}: input {path} has dim 0 = {tensor.shape[0]}, expected "
+            raise BatchLayoutError(f"{name}: input {path} has dim 0 = {tensor.shape[0]}, expected "
                                    f"{factor} x {total} (factor x replicated batch) as calibrated")
         split_paths[path] = factor * part_batch
 
@@ -154,15 +155,15 @@ def merge_outputs(spec: MemberSpec, outputs: list[Any], part_batch: int, inputs_
     def merge(path: Path, *tensors: torch.Tensor) -> torch.Tensor:
         first = tensors[0]
         if first.dim() == 0:
-            raise DualForwardError(f"{name}: output {path} is a scalar; zo2 cannot tell the parts apart")
+            raise BatchLayoutError(f"{name}: output {path} is a scalar; zo2 cannot tell the parts apart")
         if not inputs_split:  # e.g. GPT-2's position embedding of (1, T): each part gets its own copy
             if first.shape[0] != 1:
-                raise DualForwardError(f"{name}: output {path} of shape {tuple(first.shape)} comes from unbatched "
+                raise BatchLayoutError(f"{name}: output {path} of shape {tuple(first.shape)} comes from unbatched "
                                        "inputs and cannot be broadcast to the batch parts")
             return torch.cat([t.expand(part_batch, *t.shape[1:]) for t in tensors])
         factor = spec.outputs.get(path, 1 if first.shape[0] == part_batch else None)
         if factor is None or first.shape[0] != factor * part_batch:
-            raise DualForwardError(f"{name}: output {path} of shape {tuple(first.shape)} does not scale with the "
+            raise BatchLayoutError(f"{name}: output {path} of shape {tuple(first.shape)} does not scale with the "
                                    "batch; zo2 cannot merge the parts")
         return torch.cat(tensors)
 

@@ -3,7 +3,7 @@ processes'. The engine asks a ``Role``; the distributed modes (:mod:`zo2.distrib
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -42,6 +42,18 @@ class Role:
         if self.directions is not None and (not self.directions or any(d < 0 for d in self.directions)):
             raise ValueError(f"Role.directions={self.directions!r} is invalid: expected None or non-empty "
                              "direction indices >= 0")
+
+    def check(self, parts: Sequence[Part], num_directions: int) -> None:
+        """Raise ValueError when this role cannot compute steps made of ``parts`` (a step of
+        ``num_directions`` directions): unknown directions, or only part of a step without an all-reduce
+        to combine it with the processes that compute the rest."""
+        if self.directions is not None and (any(d >= num_directions for d in self.directions)
+                                            or len(set(self.directions)) != len(self.directions)):
+            raise ValueError(f"Role.directions={self.directions!r} is invalid for ZOConfig.num_directions="
+                             f"{num_directions}: expected distinct indices in [0, {num_directions})")
+        if self.all_reduce is None and not all(self.selects(p) for p in parts):
+            raise ValueError(f"{self} computes only part of each step: it needs Role.all_reduce to combine "
+                             "its losses with the processes that compute the rest (see zo2.distributed)")
 
     def selects(self, part: Part) -> bool:
         """Whether this process computes ``part``."""

@@ -28,10 +28,10 @@ from ...objectives.classification import candidate_cross_entropy
 from ...tasks import Example, PromptEncoder, TaskError, training_batch
 from ...tasks import evaluate as evaluate_task
 from .budget import BUDGET_BAR_FORMAT, TimeBudget
+from .classes import class_names, collapsed_class, label_counts
 from .data import Data
 from .folders import link_folder, save_model_folder
 from .interrupt import StopGuard
-from .summary import class_names, collapsed_class, label_counts
 
 logger = logging.getLogger(__name__)
 

@@ -3,57 +3,23 @@ applied to it, in a form ``--config`` reads back (README, "summary.json", lists 
 from __future__ import annotations
 
 import argparse
-import collections
 import resource
 import statistics
 from importlib.metadata import version
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any
 
 import torch
 
-from ...tasks import ColumnTask, Example, TextTask
+from ...tasks import ColumnTask, TextTask
+from .classes import label_counts
 from .data import Data
+from .job import Run
 from .model import EMBEDDED_MODEL
 
-if TYPE_CHECKING:
-    from .job import Run
-
-COLLAPSE_SHARE = 0.8
-"""A class that takes at least this share of the predictions ..."""
-COLLAPSE_EXCESS = 0.2
-"""... and this much more than its share of the true labels is reported as a collapse."""
 _NEVER_RECORDED = {"handler", "command", "config", "log_level", "resume", "output_dir"}
 _ZO_ONLY = {"eps", "noise", "num_directions", "offload", "offloading_blocks", "storage_dtype", "method",
             "method_options", "max_parts_per_walk", "eps_scheduler"}
 _COLUMN_TASK_ONLY = {"template", "label_words", "label_column", "drop_unknown_labels"}
-
-
-# ----------------------------------------------------------------------------- classes, collapse
-def class_names(examples: Sequence[Example]) -> list[str] | None:
-    """The label words (candidates, stripped) when every example shares them, else None."""
-    if not examples or not examples[0].candidates or any(e.candidates != examples[0].candidates for e in examples):
-        return None
-    return [c.strip() for c in examples[0].candidates]
-
-
-def label_counts(examples: Sequence[Example]) -> dict[str, int] | None:
-    """How many of ``examples`` have each class as their true label (None: no shared label words)."""
-    names = class_names(examples)
-    if names is None:
-        return None
-    counts = collections.Counter(e.label for e in examples)
-    return {name: counts[k] for k, name in enumerate(names)}
-
-
-def collapsed_class(predicted: dict[str, int], truth: dict[str, int]) -> str | None:
-    """The class that took at least ``COLLAPSE_SHARE`` of the predictions and ``COLLAPSE_EXCESS`` more
-    than its share of the true labels (the model answers it whatever the input), else None."""
-    total = sum(predicted.values())
-    for name, count in predicted.items():
-        share = count / total if total else 0.0
-        if share >= COLLAPSE_SHARE and share - truth.get(name, 0) / total >= COLLAPSE_EXCESS:
-            return name
-    return None
 
 
 # ------------------------------------------------------------------------------------- settings

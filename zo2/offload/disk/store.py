@@ -34,20 +34,18 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
+from ...config import ZOConfig
 from ...persist.durable import replace_file, write_json
 from ...units.storage import Unit, build_unit
 from ...updates import noise
 from ...updates.log import UpdateLog
 from .aligned import ALIGN, aligned_empty, padded, typed
 from .journal import Journal
-
-if TYPE_CHECKING:
-    from ...config import ZOConfig
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +137,7 @@ def _direct_io_works(directory: Path) -> bool:
 class DiskStore:
     """The files of one offload folder: reads into and writes from aligned host buffers.
 
-    ``read`` and ``write`` run on the engine's I/O thread (:mod:`zo2.staging`), and on the main thread
+    ``read`` and ``write`` run on the engine's I/O thread (:mod:`zo2.offload.disk.staging`), and on the main thread
     only while that one is idle (building units, ``read_tensor`` after a flush); a lock keeps them
     apart regardless. ``bytes_read`` / ``bytes_written`` / ``writes`` count the traffic."""
 
@@ -375,7 +373,7 @@ class DiskStore:
         self.journal.close()
 
 
-def run_description(config: "ZOConfig") -> dict[str, Any]:
+def run_description(config: ZOConfig) -> dict[str, Any]:
     """What must not change between a run and its restart from the same folder (else the files' steps
     and the journal's would not replay to the same weights)."""
     return {"method": config.method, "method_options": dict(config.method_options), "noise": config.noise,
@@ -384,7 +382,7 @@ def run_description(config: "ZOConfig") -> dict[str, Any]:
             "working_device": torch.device(config.working_device).type, "generator": noise.GENERATOR_VERSION}
 
 
-def open_store(config: "ZOConfig", named: Sequence[tuple[str, list[nn.Parameter], torch.dtype | None]],
+def open_store(config: ZOConfig, named: Sequence[tuple[str, list[nn.Parameter], torch.dtype | None]],
                where: Sequence[str], *, resume: bool = False, base: UpdateLog | None = None) -> DiskStore | None:
     """The store of the units placed on ``"disk"`` (``named``: each unit's name, parameters and master
     dtype (None: the parameters') in unit order), or None when no unit is. ``resume``: keep a matching
