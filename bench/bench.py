@@ -48,17 +48,9 @@ def _timed(fn, repeats: int, device: str) -> float:
     return best
 
 
-def measure_machine(device: str) -> dict:
-    """Pinned H2D / D2H / both-at-once copy bandwidth (GB/s), pageable H2D, and the matmul rate (TFLOP/s)."""
-    if device != "cuda":
-        size = 256 * 2**20
-        src, dst = torch.empty(size, dtype=torch.uint8), torch.empty(size, dtype=torch.uint8)
-        copy = size / _timed(lambda: dst.copy_(src), 5, device) / 1e9
-        n = 1024
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        return {"h2d_gbps": copy, "d2h_gbps": copy, "duplex_gbps": copy, "pageable_h2d_gbps": copy,
-                "matmul_tflops": 2 * n**3 / _timed(lambda: a @ b, 5, device) / 1e12, "matmul_dtype": "float32"}
-    size = 1 << 30
+def _copy_rates(size: int, device: str) -> dict:
+    """Pinned H2D / D2H / both-at-once and pageable H2D copy rates and device memory bandwidth (GB/s) for
+    ``size``-byte buffers, which are freed when this returns."""
     host_up, host_down = torch.empty(size, dtype=torch.uint8, pin_memory=True), torch.empty(size, dtype=torch.uint8, pin_memory=True)
     pageable = torch.empty(size, dtype=torch.uint8)
     dev_a, dev_b = torch.empty(size, dtype=torch.uint8, device="cuda"), torch.empty(size, dtype=torch.uint8, device="cuda")
@@ -72,12 +64,24 @@ def measure_machine(device: str) -> dict:
         up_stream.synchronize()
         down_stream.synchronize()
 
-    rates = {"h2d_gbps": size / _timed(lambda: dev_a.copy_(host_up, non_blocking=True), 5, device) / 1e9,
-             "d2h_gbps": size / _timed(lambda: host_down.copy_(dev_b, non_blocking=True), 5, device) / 1e9,
-             "duplex_gbps": 2 * size / _timed(both, 5, device) / 1e9,
-             "pageable_h2d_gbps": size / _timed(lambda: dev_a.copy_(pageable), 3, device) / 1e9,
-             "memory_gbps": 2 * size / _timed(lambda: dev_a.copy_(dev_b), 5, device) / 1e9}  # read + write
-    del host_up, host_down, pageable, dev_a, dev_b
+    return {"h2d_gbps": size / _timed(lambda: dev_a.copy_(host_up, non_blocking=True), 5, device) / 1e9,
+            "d2h_gbps": size / _timed(lambda: host_down.copy_(dev_b, non_blocking=True), 5, device) / 1e9,
+            "duplex_gbps": 2 * size / _timed(both, 5, device) / 1e9,
+            "pageable_h2d_gbps": size / _timed(lambda: dev_a.copy_(pageable), 3, device) / 1e9,
+            "memory_gbps": 2 * size / _timed(lambda: dev_a.copy_(dev_b), 5, device) / 1e9}  # read + write
+
+
+def measure_machine(device: str) -> dict:
+    """Pinned H2D / D2H / both-at-once copy bandwidth (GB/s), pageable H2D, and the matmul rate (TFLOP/s)."""
+    if device != "cuda":
+        size = 256 * 2**20
+        src, dst = torch.empty(size, dtype=torch.uint8), torch.empty(size, dtype=torch.uint8)
+        copy = size / _timed(lambda: dst.copy_(src), 5, device) / 1e9
+        n = 1024
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        return {"h2d_gbps": copy, "d2h_gbps": copy, "duplex_gbps": copy, "pageable_h2d_gbps": copy,
+                "matmul_tflops": 2 * n**3 / _timed(lambda: a @ b, 5, device) / 1e12, "matmul_dtype": "float32"}
+    rates = _copy_rates(1 << 30, device)
     n = 8192
     a, b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16), torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     rates["matmul_tflops"] = 2 * n**3 / _timed(lambda: a @ b, 10, device) / 1e12
@@ -184,6 +188,7 @@ def plot_budgets(rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     from zo2.config import parse_bytes
 
     figure, axes = plt.subplots(figsize=(6, 4))

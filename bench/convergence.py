@@ -19,7 +19,7 @@ Protocol, the same for every method:
    wall-clock of the MeZO-SGD runs.
 
 Writes ``results.json``, ``convergence.png`` (test accuracy against forward passes, mean of the seeds)
-and ``table.md`` (the README table) to ``--out``. ``--max-seconds`` stops starting new runs once spent.
+and ``table.md`` (the table of docs/results/convergence.md) to ``--out``. ``--max-seconds`` stops starting new runs once spent.
 """
 from __future__ import annotations
 
@@ -178,7 +178,7 @@ def _mean_curve(runs: list[Run]) -> list[tuple[int, float]]:
 
 
 def table(results: dict) -> str:
-    """The README table: per method, the searched lr and the seeds' mean test accuracy and loss."""
+    """The convergence table (docs/results/convergence.md): per method, the searched lr and the seeds' mean test accuracy and loss."""
     runs = {name: [Run(**r) for r in entry["runs"]] for name, entry in results["methods"].items()}
     zero_shot = results["zero_shot"]["accuracy"]
     mezo = runs.get("mezo-sgd")

@@ -73,8 +73,8 @@ def _units_and_store(folder: Path, size: int, unit_bytes: int, direct: bool | No
     """zo2 unit files of ``size`` bytes in ``folder``, written by zo2's store; (units, store, log)."""
     from zo2.offload.disk.aligned import aligned_empty
     from zo2.offload.disk.store import MASTER, DiskStore, StoredBuffer, placeholder
-    from zo2.updates.log import UpdateLog
     from zo2.units.storage import Unit
+    from zo2.updates.log import UpdateLog
 
     count, numel = max(1, size // unit_bytes), unit_bytes // 4
     buffers = [StoredBuffer(i, MASTER, f"block.{i}", torch.float32, numel) for i in range(count)]

@@ -164,7 +164,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--lr", type=_positive_float, default=1e-6, help="learning rate (default: %(default)s)")
     train.add_argument("--eps", type=_positive_float, default=1e-3, help="perturbation scale (default: %(default)s)")
     train.add_argument("--method", choices=list(METHODS), default="mezo-sgd", help="zeroth-order method "
-                       "(README, Methods): mezo-sgd, fzoo (N one-sided perturbations, normalised step), sparse-mezo, "
+                       "(docs: guides/methods.md): mezo-sgd, fzoo (N one-sided perturbations, normalised step), sparse-mezo, "
                        "adamezo (Adam-style moments from the update log), meazo (scalar adaptive step) "
                        "(default: %(default)s)")
     train.add_argument("--method-options", metavar="KEY=VALUE", nargs="+", type=_option,

@@ -1,5 +1,5 @@
 """What a finetune run records in ``summary.json``: results, timings, outputs, and the settings that
-applied to it, in a form ``--config`` reads back (README, "summary.json", lists every field)."""
+applied to it, in a form ``--config`` reads back (docs/guides/finetune.md, "summary.json", lists every field)."""
 from __future__ import annotations
 
 import argparse
@@ -70,7 +70,7 @@ def _peak_memory_mib(device: str) -> float:
 
 
 def build_summary(run: Run, total_seconds: float, resumed_from: str | None) -> dict[str, Any]:
-    """Everything a run reports (the README lists each field)."""
+    """Everything a run reports (docs/guides/finetune.md lists each field)."""
     args, data, metric, evals = run.args, run.data, run.metric, run.evals
     finished = run.stop_reason != "interrupted"
     trainer = {"optimizer": args.fo_optimizer} if args.first_order else {

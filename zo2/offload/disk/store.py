@@ -64,7 +64,7 @@ class DiskOffloadError(RuntimeError):
 
 def placeholder(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """What a disk unit's parameters point at between uses: ``numel`` NaNs held in one element, so that
-    code reading them outside zo2's walks gets NaN rather than plausible weights (see README)."""
+    code reading them outside zo2's walks gets NaN rather than plausible weights (docs/guides/disk-offload.md)."""
     return torch.full((1,), float("nan"), dtype=dtype).expand(numel)
 
 
