@@ -1,14 +1,16 @@
 """The ``zo2 finetune`` job: data and model, evaluation, MeZO (or a first-order baseline) training with
 periodic evaluation, checkpoints, best-weights keeping, time budgets, Ctrl-C handling and exact
-resume, then a summary and a loss-curve PNG. ``cli.py`` parses the arguments; :func:`run` takes them
+resume, then a summary and a loss-curve PNG. :mod:`.arguments` defines the flags; :func:`run` takes them
 as an ``argparse.Namespace``.
 
+* :mod:`.command`: :func:`run`, from the flags to the summary.
 * :mod:`.model`: the model folder check and loading (the embedded SmolLM2 is converted once, cached).
 * :mod:`.data`: the task and its train/eval examples.
 * :mod:`.job`: :class:`Run`, the training loop, evaluation and saving.
 * :mod:`.budget`, :mod:`.interrupt`: ``--max-seconds``/``--max-run-seconds`` and Ctrl-C.
 * :mod:`.folders`: output folders written atomically, with hard links instead of second copies.
-* :mod:`.summary`: ``summary.json``.
+* :mod:`.summary`: ``summary.json``; :mod:`.classes`: label words, true-label counts, collapsed predictions;
+  :mod:`.report`: the printed summary and the loss-curve PNG.
 
 Output folder layout::
 
