@@ -8,7 +8,7 @@ import torch
 from zo2 import ZOConfig, ZOEngine
 from zo2.checkpoint import (MANIFEST_NAME, SEED_LOG_NAME, STATE_NAME, CheckpointError, latest_checkpoint,
                             load_checkpoint, read_seed_log, replay_seed_log, save_checkpoint, save_seed_log)
-from conftest import make_batch, make_model, masters
+from tiny import make_batch, make_model, masters
 
 CONFIG = dict(working_device="cpu", lr=2e-3, eps=1e-3, seed=3)
 

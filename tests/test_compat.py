@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from zo2.persist.compat import UnsupportedCheckpointError, build_on_meta, checkpoint_names, initialize_missing_buffers, is_persistent
-from conftest import make_config, make_model
+from tiny import make_config, make_model
 
 
 def test_build_on_meta_allocates_nothing_and_ties_weights():

@@ -11,7 +11,7 @@ from zo2 import Update, ZOConfig, ZOEngine, kernels
 from zo2.updates import noise
 from zo2.kernels import cpu_fused, torch_path
 from zo2.units.storage import Unit
-from conftest import make_batch, make_model, masters
+from tiny import make_batch, make_model, masters
 
 pytestmark = pytest.mark.skipif(not cpu_fused.available(), reason="no C++ compiler: the fused CPU kernel is not built")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

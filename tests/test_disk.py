@@ -16,7 +16,7 @@ from zo2.offload.disk.store import HEADER_BYTES, DiskOffloadError, check_folder
 from zo2.loading import unit_weights
 from zo2.plan import BudgetError, block_locations, host_bytes, model_sizes, walk_shape
 from zo2.offload.disk.staging import staging_bytes
-from conftest import make_batch, make_model
+from tiny import make_batch, make_model
 
 STEPS = 6
 
@@ -173,7 +173,7 @@ def test_one_folder_serves_one_engine(tmp_path):
 _READ_ONLY = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})
-    from conftest import make_model
+    from tiny import make_model
     from zo2 import ZOConfig, ZOEngine
     from zo2.offload.disk.store import DiskOffloadError
     try:

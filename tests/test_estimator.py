@@ -6,7 +6,7 @@ import torch
 
 from zo2 import ZOConfig, ZOEngine
 from zo2.updates import noise
-from conftest import make_batch, make_model
+from tiny import make_batch, make_model
 
 SAMPLES = 400
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from zo2 import ZOConfig, ZOEngine, replay
-from conftest import make_batch, make_model, masters
+from tiny import make_batch, make_model, masters
 
 peft = pytest.importorskip("peft")
 

@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM, OPTForCausalLM, PreTrainedModel
 
 from zo2 import ZOConfig, zo_hf_init
 from zo2.objectives.task_loss import causal_lm_loss
-from conftest import CORE_ARCHS, make_batch, make_config, make_model
+from tiny import CORE_ARCHS, make_batch, make_config, make_model
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from zo2 import Update, ZOConfig, ZOEngine, kernels
 from zo2.updates import noise
 from zo2.kernels import torch_path, triton_path
 from zo2.units.storage import Unit
-from conftest import make_batch, make_model, masters
+from tiny import make_batch, make_model, masters
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(not kernels.triton_available(), reason="triton is not installed")

@@ -13,7 +13,7 @@ from zo2.checkpoint import load_checkpoint, save_checkpoint
 from zo2.persist.compat import UnsupportedCheckpointError
 from zo2.loading import from_checkpoint, from_pretrained, save_pretrained
 from zo2.persist.shards import ShardError
-from conftest import make_batch, make_model
+from tiny import make_batch, make_model
 from test_disk import weights
 
 #: rotary inv_freq (llama, qwen3, gpt_neox: also a renamed key), learned positions (opt, gpt2),

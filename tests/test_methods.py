@@ -13,7 +13,7 @@ from zo2.updates import noise
 from zo2.walk.role import Role
 from zo2.objectives.task_loss import causal_lm_loss
 from zo2.methods import METHODS, Decision, Method, Part
-from conftest import make_batch, make_model, masters
+from tiny import make_batch, make_model, masters
 from test_directions import _threads_sum
 
 #: Small, quick settings per method (several directions, so the multi-direction paths run too).

@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 import zo2
 from zo2 import ZOConfig, ZOEngine, objective
-from conftest import make_batch, make_model, masters
+from tiny import make_batch, make_model, masters
 
 CONFIG = dict(working_device="cpu", lr=1e-2, eps=1e-3)
 _EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "plain_pytorch_model.py"

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from zo2 import ZOConfig, ZOEngine
-from conftest import ARCHS, make_batch, make_model, masters
+from tiny import ARCHS, make_batch, make_model, masters
 
 STEPS = 10
 

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from zo2 import UnsupportedModelError, ZOConfig, ZOEngine, find_partition
-from conftest import ARCHS, make_model
+from tiny import ARCHS, make_model
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))

@@ -9,7 +9,7 @@ from zo2 import ZOConfig, ZOEngine, plan
 from zo2.units.partition import UnsupportedModelError, find_partition
 from zo2.offload.transfers import TransferScheduler
 from zo2.units.storage import SlotPool, Unit
-from conftest import ARCHS, make_batch, make_model, masters
+from tiny import ARCHS, make_batch, make_model, masters
 from live_memory import live_tensor_bytes
 
 

@@ -11,7 +11,7 @@ import torch
 
 from zo2 import ZOConfig, ZOTrainer, attach_zo_methods
 from zo2.checkpoint import MANIFEST_NAME, SEED_LOG_NAME, load_checkpoint, replay_seed_log
-from conftest import first_order_drop, make_model
+from tiny import first_order_drop, make_model
 from trainer_worker import build_trainer, dataset, run_summary, training_args, weights
 
 WORKER = Path(__file__).with_name("trainer_worker.py")

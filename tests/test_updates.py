@@ -5,7 +5,7 @@ import torch
 from zo2 import Update, ZOConfig, ZOEngine, replay
 from zo2.updates import noise
 from zo2.kernels import stochastic_round
-from conftest import make_batch, make_model, masters
+from tiny import make_batch, make_model, masters
 
 
 @pytest.mark.parametrize("config", [dict(), dict(zo2=False, noise="rademacher"), dict(storage_dtype="bfloat16"),
