@@ -1,4 +1,4 @@
-"""The ZO estimate is unbiased (DESIGN invariant 2), in float64 on a tiny model."""
+"""The ZO estimate is unbiased (invariant 2 of docs/design.md), in float64 on a tiny model."""
 import copy
 
 import pytest

@@ -1,5 +1,6 @@
 """Every registered method keeps the engine's invariants (offloaded == resident, replay == training,
-resume exact, parts split across processes == one process), and each has its defining property tested."""
+resume exact, parts split across processes == one process: invariants 1, 5, 3 and 4 of docs/design.md), and each
+has its defining property tested."""
 import json
 import math
 import statistics

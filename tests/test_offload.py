@@ -1,4 +1,4 @@
-"""Offloaded and resident training give bitwise identical masters (DESIGN invariant 1)."""
+"""Offloaded and resident training give bitwise identical masters (invariant 1 of docs/design.md)."""
 import pytest
 import torch
 

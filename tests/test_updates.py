@@ -11,7 +11,7 @@ from tiny import make_batch, make_model, masters
 @pytest.mark.parametrize("config", [dict(), dict(zo2=False, noise="rademacher"), dict(storage_dtype="bfloat16"),
                                     dict(storage_dtype="float16", weight_decay=0.0)])
 def test_replay_rebuilds_the_trained_weights_exactly(config):
-    """DESIGN invariant 5: base weights + (seed, g, lr) history == the fine-tuned weights, bitwise."""
+    """Invariant 5 of docs/design.md: base weights + (seed, g, lr) history == the fine-tuned weights, bitwise."""
     cfg = ZOConfig(**{"working_device": "cpu", "lr": 1e-2, "weight_decay": 0.05, **config})
     engine = ZOEngine(make_model("llama"), cfg)
     schedule = [1e-2, 5e-3, 2e-3, 1e-3, 1e-3, 5e-4]
@@ -57,7 +57,7 @@ def test_weight_decay_touches_matrices_only():
 
 
 def test_stochastic_rounding_is_unbiased_where_round_to_nearest_loses_the_update():
-    """DESIGN invariant 6: the expected bf16 update equals the fp32 update."""
+    """Invariant 6 of docs/design.md: the expected bf16 update equals the fp32 update."""
     start = torch.full((200_000,), 1.0)
     update = 1e-4  # far below bf16's ulp at 1.0 (2**-7)
     target = start - update
