@@ -32,6 +32,7 @@ def test_accumulation_applies_the_pending_update_once_when_offloaded():
     micro = [_rows(batch, 0, 2), _rows(batch, 2, 4)]
     resident = ZOEngine(make_model("opt"), ZOConfig(zo2=False, **CONFIG))
     offloaded = ZOEngine(make_model("opt"), ZOConfig(zo2=True, **CONFIG))
+    assert any(u.offloaded for u in offloaded.units)
     for _ in range(3):
         assert offloaded.step(micro) == resident.step(micro)
     assert torch.equal(masters(offloaded), masters(resident))

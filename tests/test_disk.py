@@ -58,6 +58,7 @@ def test_disk_offloaded_equals_resident(tmp_path, config):
 def test_disk_offload_across_architectures(tmp_path, arch):
     resident = ZOEngine(make_model(arch), _config(zo2=False))
     on_disk = ZOEngine(make_model(arch), _config(offloading_device="disk", offload_dir=str(tmp_path)))
+    assert all(on_disk.store.holds(u) for u in on_disk.units[1:-1])
     _train(resident, 4), _train(on_disk, 4)
     assert torch.equal(weights(resident), weights(on_disk))
 
