@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 
-from conftest import make_batch  # noqa: E402
+from tiny import make_batch  # noqa: E402
 from zo2 import ZOConfig
 from zo2.offload.disk import journal  # noqa: E402
 from zo2.offload.disk.store import DiskOffloadError  # noqa: E402

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from zo2 import ZOConfig, ZOEngine
-from conftest import make_batch, make_model, masters
+from tiny import make_batch, make_model, masters
 
 CONFIG = dict(lr=1e-3, eps=1e-3, working_device="cpu")
 
@@ -32,6 +32,7 @@ def test_accumulation_applies_the_pending_update_once_when_offloaded():
     micro = [_rows(batch, 0, 2), _rows(batch, 2, 4)]
     resident = ZOEngine(make_model("opt"), ZOConfig(zo2=False, **CONFIG))
     offloaded = ZOEngine(make_model("opt"), ZOConfig(zo2=True, **CONFIG))
+    assert any(u.offloaded for u in offloaded.units)
     for _ in range(3):
         assert offloaded.step(micro) == resident.step(micro)
     assert torch.equal(masters(offloaded), masters(resident))

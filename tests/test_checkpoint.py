@@ -8,7 +8,7 @@ import torch
 from zo2 import ZOConfig, ZOEngine
 from zo2.checkpoint import (MANIFEST_NAME, SEED_LOG_NAME, STATE_NAME, CheckpointError, latest_checkpoint,
                             load_checkpoint, read_seed_log, replay_seed_log, save_checkpoint, save_seed_log)
-from conftest import make_batch, make_model, masters
+from tiny import make_batch, make_model, masters
 
 CONFIG = dict(working_device="cpu", lr=2e-3, eps=1e-3, seed=3)
 
@@ -56,6 +56,8 @@ def test_seed_log_replays_to_the_saved_weights_bitwise(tmp_path, storage_dtype):
     trained = _weights(engine.detach())
     for name, param in rebuilt.named_parameters():
         assert torch.equal(param.detach(), trained[name]), name
+    base = _weights(make_model("llama"))  # in the storage dtype, as the trained weights
+    assert any(not torch.equal(trained[name], base[name].to(trained[name].dtype)) for name in base)  # not a no-op
 
 
 def test_replay_command_writes_the_fine_tuned_model(tmp_path):
@@ -73,6 +75,8 @@ def test_replay_command_writes_the_fine_tuned_model(tmp_path):
     trained = _weights(engine.detach())
     for name, param in rebuilt.named_parameters():
         assert torch.equal(param.detach(), trained[name]), name
+    base = _weights(AutoModelForCausalLM.from_pretrained(tmp_path / "base"))
+    assert any(not torch.equal(trained[name], base[name]) for name in base)  # copying the base would not do
 
 
 def test_saving_again_replaces_the_checkpoint_and_leaves_nothing_behind(tmp_path):

@@ -134,6 +134,7 @@ def test_generation_task_from_a_local_file(model_dir: Path, tmp_path: Path) -> N
                      "--output-dir", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["metric"], summary["kind"], summary["eval_examples"]) == ("f1", "generation", 4)
+    assert [e["step"] for e in summary["evals"]] == [0, 1]
     assert all(set(e) == {"step", "exact_match", "f1"} and 0 <= e["exact_match"] <= e["f1"] <= 1
                for e in summary["evals"])
 

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from zo2.persist.compat import UnsupportedCheckpointError, build_on_meta, checkpoint_names, initialize_missing_buffers, is_persistent
-from conftest import make_config, make_model
+from tiny import make_config, make_model
 
 
 def test_build_on_meta_allocates_nothing_and_ties_weights():
@@ -36,9 +36,13 @@ def test_missing_buffers_get_the_values_a_normal_construction_gives(arch):
     reference = make_model(arch)
     model = build_on_meta(AutoModelForCausalLM, make_config(arch), torch.float32)
     initialize_missing_buffers(model, loaded=set())
-    for (name, expected), (other, buffer) in zip(reference.named_buffers(), model.named_buffers()):
-        assert name == other and buffer.device.type == "cpu" and torch.equal(buffer, expected), name
+    expected, built = dict(reference.named_buffers()), dict(model.named_buffers())
+    assert list(built) == list(expected) and expected  # the same buffers, in the same order, and some to check
+    for name, buffer in built.items():
+        assert buffer.device.type == "cpu" and torch.equal(buffer, expected[name]), name
         assert is_persistent(model, name) == (name in reference.state_dict())
+    model.model.register_buffer("saved", torch.zeros(1))  # persistent, unlike the buffers above
+    assert is_persistent(model, "model.saved")
 
 
 def test_a_buffer_no_initialisation_sets_is_refused():

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from zo2 import ZOConfig, ZOConfigError, ZOEngine
-from conftest import make_model
+from tiny import make_model
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -11,7 +11,7 @@ from zo2 import Update, ZOConfig, ZOEngine, kernels
 from zo2.updates import noise
 from zo2.kernels import cpu_fused, torch_path
 from zo2.units.storage import Unit
-from conftest import make_batch, make_model, masters
+from tiny import make_batch, make_model, masters
 
 pytestmark = pytest.mark.skipif(not cpu_fused.available(), reason="no C++ compiler: the fused CPU kernel is not built")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -75,7 +75,7 @@ def test_update_and_perturb_matches_the_torch_path(dtype, kind, n, n_decay, sign
     kwargs = dict(noise_kind=kind, weight_decay=0.1, signs=signs, offset=offset)
     expected = torch_path.update_and_perturb(reference, _unit(reference, n_decay), updates, 77, 1e-3, **kwargs)
     actual = cpu_fused.update_and_perturb(fused, _unit(fused, n_decay), updates, 77, 1e-3, **kwargs)
-    assert len(actual) == len(signs)
+    assert len(actual) == len(expected) == len(signs)
     for got, want in zip([fused, *actual], [reference, *expected]):
         assert torch.equal(got.view(torch.int16) if dtype != torch.float32 else got,
                            want.view(torch.int16) if dtype != torch.float32 else want)
@@ -90,6 +90,7 @@ def test_apply_updates_matches_the_torch_path(dtype):
                              offset=300)
     cpu_fused.apply_updates(fused, _unit(fused, 2600), UPDATES, noise_kind="gaussian", weight_decay=0.05, offset=300)
     assert torch.equal(fused, reference)
+    assert not torch.equal(reference, _buffer(5000, dtype))  # the updates changed something to compare
 
 
 def test_values_do_not_depend_on_thread_count_or_slicing():
@@ -111,6 +112,7 @@ def test_values_do_not_depend_on_thread_count_or_slicing():
     kwargs = dict(noise_kind="gaussian", weight_decay=0.1)
     expected = cpu_fused.update_and_perturb(whole, _unit(whole, 150_000), UPDATES, 5, 1e-3, **kwargs)
     actual = cpu_fused.update_and_perturb(part, _unit(whole, 150_000), UPDATES, 5, 1e-3, offset=123_457, **kwargs)
+    assert len(actual) == len(expected) == 2
     for got, want in zip([part, *actual], [whole, *expected]):
         assert torch.equal(got, want[123_457:223_457])
 

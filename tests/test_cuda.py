@@ -4,7 +4,7 @@ import torch
 
 from zo2 import ZOConfig, ZOEngine
 from zo2.updates import noise
-from conftest import make_batch, make_model, masters
+from tiny import make_batch, make_model, masters
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -7,7 +7,7 @@ import torch
 from zo2 import ZOConfig, ZOEngine, replay
 from zo2.updates import noise
 from zo2.walk.role import Role
-from conftest import make_batch, make_model, masters
+from tiny import make_batch, make_model, masters
 
 CONFIG = dict(lr=1e-3, eps=1e-3, working_device="cpu")
 

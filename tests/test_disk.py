@@ -16,7 +16,7 @@ from zo2.offload.disk.store import HEADER_BYTES, DiskOffloadError, check_folder
 from zo2.loading import unit_weights
 from zo2.plan import BudgetError, block_locations, host_bytes, model_sizes, walk_shape
 from zo2.offload.disk.staging import staging_bytes
-from conftest import make_batch, make_model
+from tiny import make_batch, make_model
 
 STEPS = 6
 
@@ -58,6 +58,7 @@ def test_disk_offloaded_equals_resident(tmp_path, config):
 def test_disk_offload_across_architectures(tmp_path, arch):
     resident = ZOEngine(make_model(arch), _config(zo2=False))
     on_disk = ZOEngine(make_model(arch), _config(offloading_device="disk", offload_dir=str(tmp_path)))
+    assert all(on_disk.store.holds(u) for u in on_disk.units[1:-1])
     _train(resident, 4), _train(on_disk, 4)
     assert torch.equal(weights(resident), weights(on_disk))
 
@@ -173,7 +174,7 @@ def test_one_folder_serves_one_engine(tmp_path):
 _READ_ONLY = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})
-    from conftest import make_model
+    from tiny import make_model
     from zo2 import ZOConfig, ZOEngine
     from zo2.offload.disk.store import DiskOffloadError
     try:

@@ -14,7 +14,7 @@ from zo2.updates import noise
 from zo2.checkpoint import load_checkpoint
 from zo2.distributed import DistributedError, Grid, role_for
 from zo2.walk.role import Role
-from conftest import make_batch, make_model, masters
+from tiny import make_batch, make_model, masters
 from dist_worker import (BATCH, MODEL, TRAINING, launch, lose_a_rank, check_config_job, results_of,
                          resume_in_one_process, run_script, summary, train, train_scenarios)
 

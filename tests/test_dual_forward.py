@@ -8,7 +8,7 @@ from zo2 import ZOConfig, ZOEngine
 from zo2.walk import batching
 from zo2.updates import noise
 from zo2.objectives.task_loss import causal_lm_loss
-from conftest import ARCHS, make_batch, make_model
+from tiny import ARCHS, make_batch, make_model
 
 
 def _perturbed_copy(base, engine, seed, sign, eps):

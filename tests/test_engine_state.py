@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from zo2 import ZOConfig, ZOEngine
-from conftest import make_batch, make_model, masters
+from tiny import make_batch, make_model, masters
 
 CONFIG = dict(lr=1e-3, eps=1e-3, working_device="cpu")
 

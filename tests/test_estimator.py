@@ -1,4 +1,4 @@
-"""The ZO estimate is unbiased (DESIGN invariant 2), in float64 on a tiny model."""
+"""The ZO estimate is unbiased (invariant 2 of docs/design.md), in float64 on a tiny model."""
 import copy
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from zo2 import ZOConfig, ZOEngine
 from zo2.updates import noise
-from conftest import make_batch, make_model
+from tiny import make_batch, make_model
 
 SAMPLES = 400
 

@@ -137,4 +137,4 @@ def test_a_collapse_onto_one_class_is_warned_of(model_dir: Path, data_file: Path
     warned = {r.getMessage().split(":")[0] for r in caplog.records if "answers one class" in r.getMessage()}
     expected = {f"step {e['step']}" for e in summary["evals"]
                 if collapsed_class(e["predicted"], summary["eval_labels"]) is not None}
-    assert warned == expected
+    assert warned == expected and expected  # this tiny model answers one class at some steps (step 0: 10 of 10)

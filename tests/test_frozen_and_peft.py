@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from zo2 import ZOConfig, ZOEngine, replay
-from conftest import make_batch, make_model, masters
+from tiny import make_batch, make_model, masters
 
 peft = pytest.importorskip("peft")
 
@@ -36,6 +36,7 @@ def test_frozen_parameters_stay_bit_identical_and_offloaded_equals_resident(conf
     before = _snapshot(model)
     offloaded = _train(model, zo2=True, **config)
     resident = _train(_freeze_attention(make_model("llama", num_hidden_layers=3)), zo2=False)
+    assert any(u.offloaded for u in offloaded.units)
     assert torch.equal(masters(offloaded), masters(resident))
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -105,7 +106,8 @@ def test_lora_trains_only_the_adapter_and_offloaded_equals_resident(arch, scope)
     trained = _adapter(model)
     assert set(trained) == set(start) and all("lora_" in n for n in trained)
     assert any(not torch.equal(trained[n], start[n]) for n in trained)
-    assert offloaded.bytes_moved()[1] == 0  # adapters resident: the frozen base only streams up
+    up, down = offloaded.bytes_moved()
+    assert up > 0 and down == 0  # adapters resident: the frozen base only streams up
 
 
 def test_ia3_trains_its_scaling_vectors():

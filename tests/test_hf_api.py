@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM, OPTForCausalLM, PreTrainedModel
 
 from zo2 import ZOConfig, zo_hf_init
 from zo2.objectives.task_loss import causal_lm_loss
-from conftest import CORE_ARCHS, make_batch, make_config, make_model
+from tiny import CORE_ARCHS, make_batch, make_config, make_model
 
 
 @pytest.fixture
@@ -55,17 +55,29 @@ def test_save_pretrained_flushes_pending_updates(opt_path, tmp_path):
 
 @pytest.mark.parametrize("arch", CORE_ARCHS)
 def test_zo_hf_init_works_for_auto_models_of_every_core_architecture(arch):
+    """Built under zo_hf_init, the model trains (a call in training mode is one ZO step: it returns that
+    step's +eps loss and the update changes the weights) and evaluates with the updated weights."""
     cfg = ZOConfig(working_device="cpu", lr=1e-2)
     with zo_hf_init(cfg):
         model = AutoModelForCausalLM.from_config(make_config(arch))
         model.zo_init(cfg)
     batch = make_batch()
-    model.zo_train()
-    first = model(**batch).item()
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     model.zo_eval()
-    output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    untrained = model(**inputs).logits
+    model.zo_train()
+    first = model(**batch)
+    step = model.zo_last_step
+    assert model.zo_engine.step_count == 1 and len(model.zo_engine.history) == 1
+    # StepResult.loss is the +eps pass (tests/test_dual_forward.py checks it against a perturbed copy); the
+    # returned tensor holds it in float32 (one rounding: 2**-24 relative), and the -eps pass differs by 2 eps g
+    assert first.dim() == 0 and first.item() == pytest.approx(step.loss, rel=2**-24, abs=0)
+    assert first.item() != pytest.approx(step.loss_minus, rel=2**-24, abs=0)
+    model.zo_eval()
+    output = model(**inputs)
     assert torch.isfinite(output.logits).all() and first > 0
     assert causal_lm_loss(output.logits, batch["labels"]).item() > 0
+    assert not torch.equal(output.logits, untrained)  # the step's update reached the evaluated weights
 
 
 def test_zo_hf_init_restores_transformers_even_on_error():
@@ -106,10 +118,34 @@ def test_zo_eval_output_is_the_plain_model_output_with_current_weights():
     assert torch.equal(output.logits, expected.logits)
 
 
+class _OnAnotherDevice(torch.Tensor):
+    """A CPU tensor standing for one on another device: only ``.to(device)`` turns it into a plain tensor."""
+
+    def to(self, *args, **kwargs):
+        return self.as_subclass(torch.Tensor).to(*args, **kwargs)
+
+
 def test_engine_forward_moves_inputs_and_skips_the_kv_cache_by_default():
+    """The inputs and the working device are both the CPU here, so the inputs stand for tensors on another
+    device (``_OnAnotherDevice``): the model's forward must receive every tensor argument, positional or
+    keyword, as a plain tensor on the working device."""
     from zo2 import ZOEngine
-    engine = ZOEngine(make_model("llama"), ZOConfig(working_device="cpu"))
+    model = make_model("llama")
+    received = []
+    forward = model.forward
+
+    def recording(*args, **kwargs):
+        received.append((args, kwargs))
+        return forward(*args, **kwargs)
+
+    model.forward = recording  # the engine calls the model's forward
+    engine = ZOEngine(model, ZOConfig(working_device="cpu"))
     batch = make_batch()
-    output = engine.forward(input_ids=batch["input_ids"])
+    ids, mask = (batch[k].as_subclass(_OnAnotherDevice) for k in ("input_ids", "attention_mask"))
+    received.clear()
+    output = engine.forward(ids, attention_mask=mask)
+    [(args, kwargs)] = received
+    for given, expected in ((args[0], batch["input_ids"]), (kwargs["attention_mask"], batch["attention_mask"])):
+        assert type(given) is torch.Tensor and given.device == engine.device and torch.equal(given, expected)
     assert output.past_key_values is None
     assert engine.forward(input_ids=batch["input_ids"], use_cache=True).past_key_values is not None

@@ -11,7 +11,7 @@ from zo2 import Update, ZOConfig, ZOEngine, kernels
 from zo2.updates import noise
 from zo2.kernels import torch_path, triton_path
 from zo2.units.storage import Unit
-from conftest import make_batch, make_model, masters
+from tiny import make_batch, make_model, masters
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(not kernels.triton_available(), reason="triton is not installed")
@@ -72,7 +72,7 @@ def test_update_and_perturb_matches_the_torch_path(dtype, kind, n, n_decay, sign
     kwargs = dict(noise_kind=kind, weight_decay=0.1, signs=signs)
     expected = torch_path.update_and_perturb(reference, _unit(reference, n_decay), UPDATES, 77, 1e-3, **kwargs)
     actual = triton_path.update_and_perturb(fused, _unit(fused, n_decay), UPDATES, 77, 1e-3, **kwargs)
-    assert len(actual) == len(signs)
+    assert len(actual) == len(expected) == len(signs)
     for got, want in zip([fused, *actual], [reference, *expected]):
         got = got.cpu()
         if kind == "rademacher":
@@ -96,6 +96,7 @@ def test_a_slice_gets_the_bits_it_gets_within_the_whole_unit(path, dtype, kind, 
     kwargs = dict(noise_kind=kind, weight_decay=0.1, signs=(1, -1))
     expected = impl.update_and_perturb(whole, _unit(whole, 1500), UPDATES, 77, 1e-3, **kwargs)
     actual = impl.update_and_perturb(part, _unit(whole, 1500), UPDATES, 77, 1e-3, offset=start, **kwargs)
+    assert len(actual) == len(expected) == 2
     for got, want in zip([part, *actual], [whole, *expected]):
         assert torch.equal(got, want[start:start + length])
     again = whole[start:start + length].clone()
@@ -130,8 +131,13 @@ def test_stochastic_rounding_keeps_tiny_updates_in_expectation(dtype, update):
     moved = buffer.cpu().float()
     assert len(moved.unique()) == 3  # 1.0 and its neighbours below and above
     for sign in (1.0, -1.0):
-        group = z == sign
-        assert moved[group].mean().item() == pytest.approx(1.0 - update * sign, abs=update / 10)
+        group = moved[z == sign].double()
+        # each element rounds to one of two neighbours: the mean's standard error is std / sqrt(n). Five of
+        # them hold for any rounding draws and stay below half the update, which round-to-nearest misses by
+        # (a window of update / 10 was 2.4 of them for the bf16 update up, where the gap is 2**-7)
+        standard_error = group.std().item() / len(group) ** 0.5
+        assert group.mean().item() == pytest.approx(1.0 - update * sign, abs=5 * standard_error)
+        assert 5 * standard_error < update / 2
 
 
 @needs_triton

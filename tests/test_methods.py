@@ -1,5 +1,6 @@
 """Every registered method keeps the engine's invariants (offloaded == resident, replay == training,
-resume exact, parts split across processes == one process), and each has its defining property tested."""
+resume exact, parts split across processes == one process: invariants 1, 5, 3 and 4 of docs/design.md), and each
+has its defining property tested."""
 import json
 import math
 import statistics
@@ -13,7 +14,7 @@ from zo2.updates import noise
 from zo2.walk.role import Role
 from zo2.objectives.task_loss import causal_lm_loss
 from zo2.methods import METHODS, Decision, Method, Part
-from conftest import make_batch, make_model, masters
+from tiny import make_batch, make_model, masters
 from test_directions import _threads_sum
 
 #: Small, quick settings per method (several directions, so the multi-direction paths run too).
@@ -48,6 +49,7 @@ def test_offloaded_equals_resident(method, offload):
     dtype = {k: v for k, v in offload.items() if k == "storage_dtype"}
     resident, res_steps = _train(method, zo2=False, **dtype)
     offloaded, off_steps = _train(method, zo2=True, **offload)
+    assert any(u.offloaded for u in offloaded.units) and not any(u.offloaded for u in resident.units)
     assert [r.losses for r in res_steps] == [r.losses for r in off_steps]
     trained = masters(offloaded)
     assert torch.equal(masters(resident), trained)
@@ -142,6 +144,7 @@ def test_fzoo_evaluates_theta_itself_and_normalises_the_step_by_the_spread_of_th
     assert result.loss == causal_lm_loss(logits, batch["labels"]).item()  # the clean part is theta itself
     perturbed = result.losses[1:]
     sigma = statistics.stdev(perturbed)
+    assert len(result.updates) == len(perturbed) == 3
     for update, loss in zip(result.updates, perturbed):
         assert update.projected_grad == pytest.approx((loss - result.loss) / 1e-3)
         assert update.lr == pytest.approx(1e-3 / (3 * sigma))
@@ -149,6 +152,7 @@ def test_fzoo_evaluates_theta_itself_and_normalises_the_step_by_the_spread_of_th
     seeds = [11, 12, 13]
     base = method.decide([2.0, 2.1, 1.9, 2.3], seeds, lr=0.1, eps=1e-3)
     scaled = method.decide([2.0, 2.0 + 5 * 0.1, 2.0 - 5 * 0.1, 2.0 + 5 * 0.3], seeds, lr=0.1, eps=1e-3)
+    assert len(base.updates) == len(scaled.updates) == 3
     for a, b in zip(base.updates, scaled.updates):  # normalised SGD: scaling the loss differences changes nothing
         assert a.lr * a.projected_grad == pytest.approx(b.lr * b.projected_grad)
 
@@ -226,7 +230,7 @@ def test_meazo_divides_the_lr_by_the_root_of_a_bias_corrected_scalar_moment():
     for t, result in enumerate(results, start=1):
         v = beta * v + (1 - beta) * result.projected_grad ** 2
         rate = 1e-3 / (math.sqrt(v / (1 - beta ** t)) + 1e-8)
-        assert all(u.lr == pytest.approx(rate / 2) for u in result.updates)
+        assert len(result.updates) == 2 and all(u.lr == pytest.approx(rate / 2) for u in result.updates)
 
 
 # ------------------------------------------------------------------------------- plug-ins

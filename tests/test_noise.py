@@ -102,7 +102,7 @@ def test_the_gaussian_transform_is_accurate_to_about_one_ulp():
 def test_state_from_another_generator_version_is_refused():
     """Replaying updates whose z came from another generator would silently give other weights."""
     from zo2 import ZOConfig, ZOEngine
-    from conftest import make_batch, make_model
+    from tiny import make_batch, make_model
 
     engine = ZOEngine(make_model("llama"), ZOConfig(working_device="cpu"))
     engine.step(make_batch())
@@ -120,7 +120,7 @@ def test_a_seed_log_of_another_generator_version_is_refused(tmp_path):
 
     from zo2 import ZOConfig, ZOEngine
     from zo2.checkpoint import CheckpointError, read_seed_log, save_seed_log
-    from conftest import make_batch, make_model
+    from tiny import make_batch, make_model
 
     engine = ZOEngine(make_model("llama"), ZOConfig(working_device="cpu"))
     engine.step(make_batch())

@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 import zo2
 from zo2 import ZOConfig, ZOEngine, objective
-from conftest import make_batch, make_model, masters
+from tiny import make_batch, make_model, masters
 
 CONFIG = dict(working_device="cpu", lr=1e-2, eps=1e-3)
 _EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "plain_pytorch_model.py"
@@ -31,12 +31,19 @@ def token_sum(outputs, batch):
     return total.double(), (targets != -100).sum()
 
 
+def _counted(chosen, calls: list):
+    """``chosen`` (an objective), counting its calls in ``calls``: an engine that ignored it would not call it."""
+    return objective(lambda outputs, batch: calls.append(1) or chosen.fn(outputs, batch), targets=chosen.targets)
+
+
 def test_a_sum_count_objective_reproduces_the_task_loss_bit_for_bit():
+    calls = []
     default = ZOEngine(make_model("llama"), ZOConfig(**CONFIG))
-    custom = ZOEngine(make_model("llama"), ZOConfig(**CONFIG), objective=token_sum)
+    custom = ZOEngine(make_model("llama"), ZOConfig(**CONFIG), objective=_counted(token_sum, calls))
     for t in range(3):
         assert default.step(make_batch(seed=t)).losses == custom.step(make_batch(seed=t)).losses
     assert torch.equal(masters(default), masters(custom))
+    assert calls  # the losses above were the objective's
 
 
 def test_a_non_differentiable_per_example_objective_trains():
@@ -59,7 +66,9 @@ def test_a_non_differentiable_per_example_objective_trains():
 def test_step_can_override_the_engine_objective_and_bad_returns_are_explained():
     engine = ZOEngine(make_model("llama"), ZOConfig(**CONFIG))
     plain = ZOEngine(make_model("llama"), ZOConfig(**CONFIG))
-    assert engine.step(make_batch(), objective=token_sum).losses == plain.step(make_batch()).losses
+    calls = []
+    assert engine.step(make_batch(), objective=_counted(token_sum, calls)).losses == plain.step(make_batch()).losses
+    assert calls  # the step's losses were the override's
     with pytest.raises(TypeError, match="returns a 1-D tensor of per-example losses or a tuple"):
         engine.step(make_batch(), objective=lambda out, batch: out["logits"].mean())
 
@@ -80,8 +89,13 @@ def test_a_plain_pytorch_model_trains_offloaded_as_resident_with_targets_the_mod
         return engine, results
 
     resident, expected = train(False)
+    torch.manual_seed(0)
+    untrained = masters(ZOEngine(example.TinyGPT(29, width=32, depth=3, heads=2, context=16), ZOConfig(**CONFIG),
+                                 probe_inputs={"idx": torch.zeros(1, 4, dtype=torch.long)}))
+    assert not torch.equal(masters(resident), untrained)  # the steps trained
     for scope in ("unit", "module"):
         offloaded, results = train(True, scope)
+        assert any(u.offloaded for u in offloaded.units)
         assert [r.losses for r in results] == [r.losses for r in expected]
         assert torch.equal(masters(offloaded), masters(resident))
     assert [u.name for u in resident.units] == ["embedding", "block.0", "block.1", "block.2", "head"]

@@ -9,7 +9,7 @@ from zo2 import ZOConfig, ZOEngine, plan
 from zo2.units.partition import UnsupportedModelError, find_partition
 from zo2.offload.transfers import TransferScheduler
 from zo2.units.storage import SlotPool, Unit
-from conftest import ARCHS, make_batch, make_model, masters
+from tiny import ARCHS, make_batch, make_model, masters
 from live_memory import live_tensor_bytes
 
 
@@ -38,7 +38,7 @@ def test_offloaded_module_scope_equals_resident_unit_scope(config):
                                           zo2=False, perturbation_scope="unit", **shared)
     engine, offloaded, offloaded_losses = _train(make_model("llama-tied", num_hidden_layers=3), batches=batches,
                                                  perturbation_scope="module", **config)
-    assert engine.scope == "module"
+    assert engine.scope == "module" and any(u.offloaded for u in engine.units)
     assert offloaded_losses == resident_losses
     assert torch.equal(offloaded, resident)
 
@@ -47,7 +47,8 @@ def test_offloaded_module_scope_equals_resident_unit_scope(config):
 def test_module_scope_serves_task_heads(head):
     batches = [make_batch(head, seed=s) for s in range(2)]
     _, unit, _ = _train(make_model("opt", head=head), batches=batches, zo2=False)
-    _, module, _ = _train(make_model("opt", head=head), batches=batches, zo2=True, perturbation_scope="module")
+    engine, module, _ = _train(make_model("opt", head=head), batches=batches, zo2=True, perturbation_scope="module")
+    assert engine.scope == "module" and any(u.offloaded for u in engine.units)
     assert torch.equal(module, unit)
 
 

@@ -5,7 +5,7 @@ import torch
 from zo2 import ZOConfig, ZOEngine, ZOConfigError
 from zo2.plan import (BudgetError, make_plan, meta_model, model_sizes, opt_config, perturbed_bytes,
                       resident_block_count, working_bytes)
-from conftest import make_batch, make_model, masters
+from tiny import make_batch, make_model, masters
 
 
 def _unit_bytes(engine):

@@ -136,6 +136,7 @@ def test_candidate_scores_match_single_unpadded_forwards(name, tmp_path, tokeniz
     assert len(examples) == 2
     encoder = tasks.PromptEncoder(tokenizer, max_length=256)
     scores = tasks.candidate_scores(_forward(model), encoder, examples, batch_size=2)
+    assert len(scores) == len(examples)
     for example, score in zip(examples, scores):
         for k, candidate in enumerate(example.candidates):
             ids = encoder.piece_ids(candidate)
@@ -156,6 +157,7 @@ def test_single_token_label_words_take_one_forward_per_example(tokenizer, model)
     forward = _forward(model)
     scores = tasks.candidate_scores(lambda b: calls.append(b["input_ids"].shape) or forward(b), encoder, examples, 2)
     assert calls == [(2, max(len(encoder.prompt_ids(e)) for e in examples))]
+    assert len(scores) == len(examples)
     for example, score in zip(examples, scores):
         for k, candidate in enumerate(example.candidates):
             ids = encoder.prompt_ids(example) + encoder.piece_ids(candidate)
@@ -175,6 +177,7 @@ def test_greedy_answers_match_generate(name, tokenizer, model) -> None:
     encoder = tasks.PromptEncoder(tokenizer, max_length=256)
     short = Example("Title: x\nAnswer:", answers=("1889",))
     answers = tasks.greedy_answers(_forward(model), encoder, [example, short], batch_size=2, max_new_tokens=6)
+    assert len(answers) == 2
     for ex, answer in zip([example, short], answers):
         prompt = torch.tensor([encoder.prompt_ids(ex, 6)])
         with torch.no_grad():

@@ -11,7 +11,7 @@ import torch
 
 from zo2 import ZOConfig, ZOTrainer, attach_zo_methods
 from zo2.checkpoint import MANIFEST_NAME, SEED_LOG_NAME, load_checkpoint, replay_seed_log
-from conftest import first_order_drop, make_model
+from tiny import first_order_drop, make_model
 from trainer_worker import build_trainer, dataset, run_summary, training_args, weights
 
 WORKER = Path(__file__).with_name("trainer_worker.py")
@@ -105,14 +105,18 @@ def test_checkpoints_hold_safetensors_engine_state_and_a_replayable_seed_log(tmp
     trained = dict(trainer.model.named_parameters())
     for name, param in rebuilt.named_parameters():
         assert torch.equal(param, trained[name]), name
+    base = dict(make_model("llama").named_parameters())
+    assert any(not torch.equal(trained[name], base[name]) for name in base)  # replaying nothing would not do
 
 
 def test_zo2_compatible_model_with_zo_init_trains(tmp_path):
     model = make_model("gpt2")
     attach_zo_methods(model).zo_init(ZOConfig(working_device="cpu", eps=1e-3, seed=2))
+    start = torch.cat([unit.master.detach().clone().reshape(-1) for unit in model.zo_engine.units])
     trainer = ZOTrainer(model, args=training_args(tmp_path, max_steps=2), train_dataset=dataset(8))
     trainer.train()
     assert trainer.zo_engine is model.zo_engine and model.zo_engine.step_count == 2
+    assert not torch.equal(weights(trainer), start)  # the steps updated the engine's weights
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -161,9 +165,12 @@ def test_sft_trainer_trains_on_a_tiny_text_dataset(tmp_path):
                      disable_tqdm=True)
     trainer = ZOSFTTrainer(make_model("llama"), args=args, train_dataset=Dataset.from_dict({"text": texts}),
                            processing_class=tokenizer, zo_config=ZOConfig(working_device="cpu", seed=4))
+    start = torch.cat([unit.master.detach().clone().reshape(-1) for unit in trainer.zo_engine.units])
     result = trainer.train()
     assert result.global_step == 3 and trainer.zo_engine.step_count == 3
-    assert all(torch.isfinite(torch.tensor(log["loss"])) for log in trainer.state.log_history if "loss" in log)
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(loss)) for loss in losses)
+    assert not torch.equal(weights(trainer), start)  # the steps updated the weights
     assert "eval_loss" in trainer.evaluate(Dataset.from_dict({"text": texts[:4]}))
     padding_free = SFTConfig(output_dir=str(tmp_path), padding_free=True, max_length=None, report_to=[], use_cpu=True)
     with pytest.raises(ValueError, match="padding_free=False"):

@@ -16,7 +16,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments, default_data_collator
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import VOCAB, make_model  # noqa: E402
+from tiny import VOCAB, make_model  # noqa: E402
 
 from zo2 import ZOConfig, ZOTrainer, zo_hf_init  # noqa: E402
 
