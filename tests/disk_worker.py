@@ -21,12 +21,12 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
-
 from tiny import make_batch  # noqa: E402
+
 from zo2 import ZOConfig
+from zo2.loading import from_pretrained, unit_weights  # noqa: E402
 from zo2.offload.disk import journal  # noqa: E402
 from zo2.offload.disk.store import DiskOffloadError  # noqa: E402
-from zo2.loading import from_pretrained, unit_weights  # noqa: E402
 
 progress = {"step": 0}
 

@@ -21,10 +21,10 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from tiny import make_batch, make_model, masters
 
 from zo2 import ZOConfig, ZOEngine
 from zo2.distributed import DistributedError, restore_checkpoint, role_for, save_checkpoint, shard_batch
-from tiny import make_batch, make_model, masters
 
 #: Tiny LLaMA whose blocks hold an odd number of elements (2235), so sliced transfers have a tail.
 MODEL = dict(hidden_size=15, head_dim=6, num_attention_heads=3, num_key_value_heads=1, intermediate_size=33)

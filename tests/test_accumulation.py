@@ -1,9 +1,9 @@
 """A step is accumulate (micro-batches) + commit: gradient accumulation equals one big batch."""
 import pytest
 import torch
+from tiny import make_batch, make_model, masters
 
 from zo2 import ZOConfig, ZOEngine
-from tiny import make_batch, make_model, masters
 
 CONFIG = dict(lr=1e-3, eps=1e-3, working_device="cpu")
 

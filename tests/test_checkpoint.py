@@ -4,11 +4,21 @@ import json
 
 import pytest
 import torch
+from tiny import make_batch, make_model, masters
 
 from zo2 import ZOConfig, ZOEngine
-from zo2.checkpoint import (MANIFEST_NAME, SEED_LOG_NAME, STATE_NAME, CheckpointError, latest_checkpoint,
-                            load_checkpoint, read_seed_log, replay_seed_log, save_checkpoint, save_seed_log)
-from tiny import make_batch, make_model, masters
+from zo2.checkpoint import (
+    MANIFEST_NAME,
+    SEED_LOG_NAME,
+    STATE_NAME,
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    read_seed_log,
+    replay_seed_log,
+    save_checkpoint,
+    save_seed_log,
+)
 
 CONFIG = dict(working_device="cpu", lr=2e-3, eps=1e-3, seed=3)
 
@@ -62,6 +72,7 @@ def test_seed_log_replays_to_the_saved_weights_bitwise(tmp_path, storage_dtype):
 
 def test_replay_command_writes_the_fine_tuned_model(tmp_path):
     from transformers import AutoModelForCausalLM
+
     from zo2.cli.main import main
 
     make_model("opt").save_pretrained(tmp_path / "base")

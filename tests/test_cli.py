@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from finetune_setup import TASK, data_file, finetune_args, model_dir, rows, tokenizer, weights  # noqa: F401
+from finetune_setup import TASK, finetune_args, rows, weights
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from zo2 import cli
-from zo2.cli import finetune
-from zo2 import tasks
+from zo2 import cli, tasks
 from zo2.checkpoint import load_checkpoint
+from zo2.cli import finetune
+
 
 # ------------------------------------------------------------------------------------- outputs
 def test_finetune_end_to_end(model_dir: Path, data_file: Path, tmp_path: Path, capsys) -> None:

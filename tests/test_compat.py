@@ -2,10 +2,16 @@
 it expects (an upgrade that changes them fails here first)."""
 import pytest
 import torch
+from tiny import make_config, make_model
 from transformers import AutoModelForCausalLM
 
-from zo2.persist.compat import UnsupportedCheckpointError, build_on_meta, checkpoint_names, initialize_missing_buffers, is_persistent
-from tiny import make_config, make_model
+from zo2.persist.compat import (
+    UnsupportedCheckpointError,
+    build_on_meta,
+    checkpoint_names,
+    initialize_missing_buffers,
+    is_persistent,
+)
 
 
 def test_build_on_meta_allocates_nothing_and_ties_weights():

@@ -1,9 +1,9 @@
 """Bad configurations raise ZOConfigError naming the field and what would work."""
 import pytest
 import torch
+from tiny import make_model
 
 from zo2 import ZOConfig, ZOConfigError, ZOEngine
-from tiny import make_model
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -6,12 +6,12 @@ import logging
 
 import pytest
 import torch
+from tiny import make_batch, make_model, masters
 
 from zo2 import Update, ZOConfig, ZOEngine, kernels
-from zo2.updates import noise
 from zo2.kernels import cpu_fused, torch_path
 from zo2.units.storage import Unit
-from tiny import make_batch, make_model, masters
+from zo2.updates import noise
 
 pytestmark = pytest.mark.skipif(not cpu_fused.available(), reason="no C++ compiler: the fused CPU kernel is not built")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -1,10 +1,10 @@
 """The CUDA path (streams, events, pinned masters): runs only where a GPU is present."""
 import pytest
 import torch
+from tiny import make_batch, make_model, masters
 
 from zo2 import ZOConfig, ZOEngine
 from zo2.updates import noise
-from tiny import make_batch, make_model, masters
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

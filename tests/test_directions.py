@@ -3,11 +3,11 @@ import threading
 
 import pytest
 import torch
+from tiny import make_batch, make_model, masters
 
 from zo2 import ZOConfig, ZOEngine, replay
 from zo2.updates import noise
 from zo2.walk.role import Role
-from tiny import make_batch, make_model, masters
 
 CONFIG = dict(lr=1e-3, eps=1e-3, working_device="cpu")
 

@@ -9,14 +9,14 @@ import textwrap
 
 import pytest
 import torch
+from tiny import make_batch, make_model
 
 from zo2 import ZOConfig, ZOEngine
-from zo2.offload.disk.aligned import ALIGN, live_buffer_bytes
-from zo2.offload.disk.store import HEADER_BYTES, DiskOffloadError, check_folder
 from zo2.loading import unit_weights
-from zo2.plan import BudgetError, block_locations, host_bytes, model_sizes, walk_shape
+from zo2.offload.disk.aligned import ALIGN, live_buffer_bytes
 from zo2.offload.disk.staging import staging_bytes
-from tiny import make_batch, make_model
+from zo2.offload.disk.store import HEADER_BYTES, DiskOffloadError, check_folder
+from zo2.plan import BudgetError, block_locations, host_bytes, model_sizes, walk_shape
 
 STEPS = 6
 
@@ -193,8 +193,8 @@ def test_read_only_folder_is_a_clear_error(tmp_path):
     if os.access(folder, os.W_OK):  # root ignores permission bits: make the folder a read-only mount instead
         if shutil.which("unshare") is None:
             pytest.skip("running as root without unshare: cannot make a read-only folder")
-        command = ["unshare", "--mount", "sh", "-c", f'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" "$0" && '
-                   f'exec "$@"', str(folder), *command]
+        command = ["unshare", "--mount", "sh", "-c", 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" "$0" && '
+                   'exec "$@"', str(folder), *command]
     out = subprocess.run(command, capture_output=True, text=True, timeout=300)
     if "mount" in out.stderr and "ERROR" not in out.stdout:
         pytest.skip(f"cannot mount a read-only folder here: {out.stderr.strip()[:200]}")

@@ -8,15 +8,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_worker import (
+    MODEL,
+    TRAINING,
+    check_config_job,
+    launch,
+    lose_a_rank,
+    results_of,
+    resume_in_one_process,
+    run_script,
+    summary,
+    train,
+    train_scenarios,
+)
+from tiny import make_batch, make_model, masters
 
 from zo2 import Update, ZOConfig, ZOEngine, replay
-from zo2.updates import noise
 from zo2.checkpoint import load_checkpoint
 from zo2.distributed import DistributedError, Grid, role_for
+from zo2.updates import noise
 from zo2.walk.role import Role
-from tiny import make_batch, make_model, masters
-from dist_worker import (BATCH, MODEL, TRAINING, launch, lose_a_rank, check_config_job, results_of,
-                         resume_in_one_process, run_script, summary, train, train_scenarios)
 
 STEPS = 3
 

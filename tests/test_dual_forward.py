@@ -3,12 +3,12 @@ import copy
 
 import pytest
 import torch
+from tiny import ARCHS, make_batch, make_model
 
 from zo2 import ZOConfig, ZOEngine
-from zo2.walk import batching
-from zo2.updates import noise
 from zo2.objectives.task_loss import causal_lm_loss
-from tiny import ARCHS, make_batch, make_model
+from zo2.updates import noise
+from zo2.walk import batching
 
 
 def _perturbed_copy(base, engine, seed, sign, eps):

@@ -3,10 +3,10 @@ import copy
 
 import pytest
 import torch
+from tiny import make_batch, make_model
 
 from zo2 import ZOConfig, ZOEngine
 from zo2.updates import noise
-from tiny import make_batch, make_model
 
 SAMPLES = 400
 

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from finetune_setup import finetune_args
 from safetensors.torch import load_file
 
 from zo2 import cli
-from finetune_setup import data_file, finetune_args, model_dir, tokenizer  # noqa: F401 (fixtures)
 
 
 def _summary(folder: Path) -> dict:

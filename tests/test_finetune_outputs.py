@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from finetune_setup import data_file, finetune_args, model_dir, rows, tokenizer  # noqa: F401
+from finetune_setup import finetune_args, rows
 
 from zo2 import cli
 from zo2.checkpoint import load_checkpoint

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from finetune_setup import data_file, finetune_args, model_dir, tokenizer, weights  # noqa: F401
+from finetune_setup import finetune_args, weights
 
 from zo2 import cli
 from zo2.checkpoint import load_checkpoint

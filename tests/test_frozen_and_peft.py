@@ -1,9 +1,9 @@
 """Frozen parameters are never perturbed, updated or written back; PEFT adapters train through the engine."""
 import pytest
 import torch
+from tiny import make_batch, make_model, masters
 
 from zo2 import ZOConfig, ZOEngine, replay
-from tiny import make_batch, make_model, masters
 
 peft = pytest.importorskip("peft")
 
@@ -144,6 +144,7 @@ def test_the_adapter_saves_as_a_normal_peft_adapter_merges_and_replays(tmp_path)
 
 def test_zo_init_and_the_trainer_take_a_peft_model(tmp_path):
     from transformers import TrainingArguments
+
     from zo2 import ZOTrainer, attach_zo_methods
 
     model = attach_zo_methods(_lora("llama"))

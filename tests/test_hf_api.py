@@ -1,11 +1,11 @@
 """The documented ZO2 usage (zo_hf_init, zo_init, zo_train, zo_eval) and HF checkpoints."""
 import pytest
 import torch
+from tiny import CORE_ARCHS, make_batch, make_config, make_model
 from transformers import AutoModelForCausalLM, OPTForCausalLM, PreTrainedModel
 
 from zo2 import ZOConfig, zo_hf_init
 from zo2.objectives.task_loss import causal_lm_loss
-from tiny import CORE_ARCHS, make_batch, make_config, make_model
 
 
 @pytest.fixture

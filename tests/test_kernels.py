@@ -6,12 +6,12 @@ on CUDA and are checked against the torch path on the CPU. Skipped when triton i
 """
 import pytest
 import torch
+from tiny import make_batch, make_model, masters
 
 from zo2 import Update, ZOConfig, ZOEngine, kernels
-from zo2.updates import noise
 from zo2.kernels import torch_path, triton_path
 from zo2.units.storage import Unit
-from tiny import make_batch, make_model, masters
+from zo2.updates import noise
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(not kernels.triton_available(), reason="triton is not installed")

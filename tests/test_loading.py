@@ -6,15 +6,15 @@ import sys
 
 import pytest
 import torch
+from test_disk import weights
+from tiny import make_batch, make_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from zo2 import ZOConfig, ZOEngine
 from zo2.checkpoint import load_checkpoint, save_checkpoint
-from zo2.persist.compat import UnsupportedCheckpointError
 from zo2.loading import from_checkpoint, from_pretrained, save_pretrained
+from zo2.persist.compat import UnsupportedCheckpointError
 from zo2.persist.shards import ShardError
-from tiny import make_batch, make_model
-from test_disk import weights
 
 #: rotary inv_freq (llama, qwen3, gpt_neox: also a renamed key), learned positions (opt, gpt2),
 #: ALiBi (bloom), embedding scales as buffers (gemma3_text), tied heads (llama-tied), partial rotary (phi)

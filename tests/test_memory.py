@@ -1,10 +1,10 @@
 """Memory by design, counted in bytes of live tensors (tests/live_memory.py), not in RSS: zo_init moves
 the model into flat storage unit by unit, never holding two copies of the weights."""
 import torch
+from live_memory import live_tensor_bytes
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from zo2 import ZOConfig, ZOEngine
-from live_memory import live_tensor_bytes
 
 
 def test_the_meter_counts_live_tensors_and_the_frees_of_older_ones():

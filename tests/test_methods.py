@@ -8,14 +8,14 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from test_directions import _threads_sum
+from tiny import make_batch, make_model, masters
 
 from zo2 import Update, ZOConfig, ZOConfigError, ZOEngine, replay
+from zo2.methods import METHODS, Decision, Method, Part
+from zo2.objectives.task_loss import causal_lm_loss
 from zo2.updates import noise
 from zo2.walk.role import Role
-from zo2.objectives.task_loss import causal_lm_loss
-from zo2.methods import METHODS, Decision, Method, Part
-from tiny import make_batch, make_model, masters
-from test_directions import _threads_sum
 
 #: Small, quick settings per method (several directions, so the multi-direction paths run too).
 SETTINGS = {"mezo-sgd": dict(num_directions=2), "fzoo": dict(num_directions=3, lr=1e-3),

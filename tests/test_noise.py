@@ -101,8 +101,9 @@ def test_the_gaussian_transform_is_accurate_to_about_one_ulp():
 
 def test_state_from_another_generator_version_is_refused():
     """Replaying updates whose z came from another generator would silently give other weights."""
-    from zo2 import ZOConfig, ZOEngine
     from tiny import make_batch, make_model
+
+    from zo2 import ZOConfig, ZOEngine
 
     engine = ZOEngine(make_model("llama"), ZOConfig(working_device="cpu"))
     engine.step(make_batch())
@@ -118,9 +119,10 @@ def test_state_from_another_generator_version_is_refused():
 def test_a_seed_log_of_another_generator_version_is_refused(tmp_path):
     import json
 
+    from tiny import make_batch, make_model
+
     from zo2 import ZOConfig, ZOEngine
     from zo2.checkpoint import CheckpointError, read_seed_log, save_seed_log
-    from tiny import make_batch, make_model
 
     engine = ZOEngine(make_model("llama"), ZOConfig(working_device="cpu"))
     engine.step(make_batch())

@@ -4,11 +4,11 @@ import pathlib
 
 import pytest
 import torch
+from tiny import make_batch, make_model, masters
 from torch.nn import functional as F
 
 import zo2
 from zo2 import ZOConfig, ZOEngine, objective
-from tiny import make_batch, make_model, masters
 
 CONFIG = dict(working_device="cpu", lr=1e-2, eps=1e-3)
 _EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "plain_pytorch_model.py"

@@ -1,9 +1,9 @@
 """Offloaded and resident training give bitwise identical masters (invariant 1 of docs/design.md)."""
 import pytest
 import torch
+from tiny import ARCHS, make_batch, make_model, masters
 
 from zo2 import ZOConfig, ZOEngine
-from tiny import ARCHS, make_batch, make_model, masters
 
 STEPS = 10
 

@@ -1,10 +1,10 @@
 """Units are found generically: [embedding, blocks..., head] for any HF decoder, no per-family code."""
 import pytest
 import torch
+from tiny import ARCHS, make_model
 from torch import nn
 
 from zo2 import UnsupportedModelError, ZOConfig, ZOEngine, find_partition
-from tiny import ARCHS, make_model
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))

@@ -2,15 +2,15 @@
 right before that module runs. Same bits as perturbing whole units, with one matrix in memory at a time."""
 import pytest
 import torch
+from live_memory import live_tensor_bytes
+from tiny import ARCHS, make_batch, make_model, masters
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from zo2 import ZOConfig, ZOEngine, plan
-from zo2.units.partition import UnsupportedModelError, find_partition
 from zo2.offload.transfers import TransferScheduler
+from zo2.units.partition import UnsupportedModelError, find_partition
 from zo2.units.storage import SlotPool, Unit
-from tiny import ARCHS, make_batch, make_model, masters
-from live_memory import live_tensor_bytes
 
 
 def _train(model, steps=3, batches=None, **config):

@@ -1,11 +1,19 @@
 """Placement under a memory budget, and the plan's predictions, before anything is allocated."""
 import pytest
 import torch
-
-from zo2 import ZOConfig, ZOEngine, ZOConfigError
-from zo2.plan import (BudgetError, make_plan, meta_model, model_sizes, opt_config, perturbed_bytes,
-                      resident_block_count, working_bytes)
 from tiny import make_batch, make_model, masters
+
+from zo2 import ZOConfig, ZOConfigError, ZOEngine
+from zo2.plan import (
+    BudgetError,
+    make_plan,
+    meta_model,
+    model_sizes,
+    opt_config,
+    perturbed_bytes,
+    resident_block_count,
+    working_bytes,
+)
 
 
 def _unit_bytes(engine):

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainer_worker import build_trainer, train_losses, weights
 
 from zo2.checkpoint import MANIFEST_NAME, CheckpointError, load_checkpoint
-from trainer_worker import build_trainer, train_losses, weights
 
 WORKER = Path(__file__).with_name("trainer_worker.py")
 

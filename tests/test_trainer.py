@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import first_order_drop, make_model
+from trainer_worker import build_trainer, dataset, run_summary, training_args, weights
 
 from zo2 import ZOConfig, ZOTrainer, attach_zo_methods
 from zo2.checkpoint import MANIFEST_NAME, SEED_LOG_NAME, load_checkpoint, replay_seed_log
-from tiny import first_order_drop, make_model
-from trainer_worker import build_trainer, dataset, run_summary, training_args, weights
 
 WORKER = Path(__file__).with_name("trainer_worker.py")
 
@@ -149,9 +149,10 @@ def test_options_without_effect_are_turned_off(tmp_path):
 def test_sft_trainer_trains_on_a_tiny_text_dataset(tmp_path):
     pytest.importorskip("trl")
     from datasets import Dataset
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
     from trl import SFTConfig
+
     from zo2 import ZOSFTTrainer
 
     words = ["<pad>", "<s>", "</s>", *"the cat sat on a mat dog ran far away and".split()]

@@ -1,10 +1,10 @@
 """ZO training actually learns: the loss falls when overfitting one small batch, for each architecture,
 by what the steps' own projected gradients predict."""
 import pytest
+from tiny import ARCHS, first_order_drop, make_batch, make_model
 
 from zo2 import ZOConfig, ZOEngine
 from zo2.objectives.task_loss import causal_lm_loss
-from tiny import ARCHS, first_order_drop, make_batch, make_model
 
 # Why this criterion and not "the loss fell by 0.02": one ZO trajectory's drop is a sum of
 # lr * (z . grad)^2 over its steps, a chi-square with as many degrees of freedom as steps, so it varies

@@ -1,11 +1,11 @@
 """The update rule: replay from the seed history, tied weights, weight decay, stochastic rounding."""
 import pytest
 import torch
+from tiny import make_batch, make_model, masters
 
 from zo2 import Update, ZOConfig, ZOEngine, replay
-from zo2.updates import noise
 from zo2.kernels import stochastic_round
-from tiny import make_batch, make_model, masters
+from zo2.updates import noise
 
 
 @pytest.mark.parametrize("config", [dict(), dict(zo2=False, noise="rademacher"), dict(storage_dtype="bfloat16"),

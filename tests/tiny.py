@@ -3,8 +3,12 @@ the tests and by the worker scripts they launch (``from tiny import make_model, 
 from __future__ import annotations
 
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForQuestionAnswering,
-                          AutoModelForSequenceClassification)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+)
 from transformers.utils import logging as hf_logging
 
 hf_logging.set_verbosity_error()
