@@ -25,6 +25,7 @@ from torch import nn
 from .config import ZOConfig
 from .methods import Part, method_class
 from .objectives import Objective, as_objective
+from .offload.disk.store import DiskStore
 from .offload.placement import WeightSource, place
 from .offload.residency import Residency
 from .result import StepResult
@@ -92,7 +93,7 @@ class ZOEngine:
 
     # ------------------------------------------------------------------------------ what it holds
     @property
-    def store(self):
+    def store(self) -> DiskStore | None:
         """The files of the disk-offloaded units (:class:`zo2.offload.disk.store.DiskStore`), or None."""
         return self.residency.store
 
