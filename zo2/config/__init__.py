@@ -9,10 +9,11 @@ from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
-from .kernels import BACKENDS, default_backend
-from .methods import METHODS as _REGISTRY
-from .methods import build_options, method_class
-from .updates import schedules
+from ..kernels import BACKENDS, default_backend
+from ..methods import METHODS as _REGISTRY
+from ..methods import build_options, method_class
+from ..updates import schedules
+from .zo2_fields import accepts_zo2_fields
 
 METHODS = tuple(_REGISTRY)
 NOISE_KINDS = ("gaussian", "rademacher")
@@ -67,12 +68,15 @@ def _check_device(name: str, value: str) -> torch.device:
     return device
 
 
+@accepts_zo2_fields
 @dataclass
 class ZOConfig:
     """Configuration of zeroth-order (MeZO-style) training with optional block offloading.
 
     Compatible with ZO2's documented usage:
-    ``ZOConfig(method="mezo-sgd", zo2=True, offloading_device="cpu", working_device="cuda", lr=1e-7)``.
+    ``ZOConfig(method="mezo-sgd", zo2=True, offloading_device="cpu", working_device="cuda", lr=1e-7)``;
+    ZO2's other fields (``zo_method``, ``overlap``, ``amp``, ...) are accepted as :mod:`zo2.config.zo2_fields`
+    maps them. A field set after construction is validated at once.
     """
 
     method: str = "mezo-sgd"
