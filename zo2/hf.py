@@ -19,9 +19,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import os
 import types
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,7 @@ from transformers import PreTrainedModel
 from .config import ZOConfig
 from .distributed import role_for
 from .engine import ZOEngine
+from .objectives import loss_hooks
 from .result import StepResult
 
 
@@ -64,6 +66,7 @@ def _zo_init(self: nn.Module, config: ZOConfig) -> ZOEngine:
     self.zo_engine = engine_for_this_process(self, config)
     self.zo_training = False
     self.zo_last_step: StepResult | None = None
+    self.opt = ZO2OptimizerView(self.zo_engine)
     self.forward = types.MethodType(_zo_forward, self)
     original_save = self.save_pretrained
 
@@ -97,20 +100,116 @@ def _zo_eval(self: nn.Module) -> nn.Module:
     return self
 
 
+def _keywords(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The call's arguments by name, as the model class's forward names them (``model(ids, labels=ids)``)."""
+    if not args:
+        return kwargs
+    bound = inspect.signature(type(model).forward).bind_partial(model, *args, **kwargs)
+    named = {k: v for k, v in bound.arguments.items() if k != "self"}
+    for name, param in inspect.signature(type(model).forward).parameters.items():
+        if param.kind is inspect.Parameter.VAR_POSITIONAL and named.pop(name, ()):
+            raise TypeError(f"{type(model).__name__}.forward takes no named positional arguments: pass the batch "
+                            "as keyword arguments, e.g. model(input_ids=..., labels=...)")
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(named.pop(name, {}))
+    return named
+
+
+def _extra_keys(model: nn.Module, batch: Mapping[str, Any]) -> tuple[str, ...]:
+    """Batch keys the model's forward does not name: a ZO2 custom loss receives them as ``**kwargs``."""
+    known = inspect.signature(type(model).forward).parameters
+    return tuple(k for k in batch if k not in known and k != "labels")
+
+
 def _zo_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     engine = self.zo_engine
+    batch = _keywords(self, args, kwargs)
+    kind = "train" if self.zo_training else "eval"
+    hooked = loss_hooks.uses_loss_hooks(self, kind)
+    extra = _extra_keys(self, batch) if getattr(self, f"zo_custom_{kind}_loss_fn", None) is not None else ()
     if not self.zo_training:
-        return engine.forward(*args, **kwargs)
-    if args:
-        raise TypeError("in zo_train mode pass the batch as keyword arguments, e.g. model(input_ids=..., labels=...)")
-    self.zo_last_step = engine.step(kwargs)
+        return loss_hooks.evaluate(self, engine.forward, batch, extra) if hooked else engine.forward(**batch)
+    objective = loss_hooks.train_objective(self, extra) if hooked else None
+    self.zo_last_step = engine.step(batch, objective=objective)
     return torch.tensor(self.zo_last_step.loss)
 
 
+class ZO2OptimizerView:
+    """``model.opt``: ZO2's optimizer attributes, read from the engine's owners (its update log and
+    config), never copied. ``projected_grad``, ``zo_random_seed`` and the applied ``lr`` are those of the
+    last step (before the first: 0.0, None and the configured lr)."""
+
+    def __init__(self, engine: ZOEngine) -> None:
+        self.engine = engine
+
+    def _last(self) -> tuple:
+        log = self.engine.log
+        return log.step_updates(log.steps - 1) if log.steps else ()
+
+    @property
+    def projected_grad(self) -> float:
+        """The last step's projected gradient (mean over its directions)."""
+        updates = self._last()
+        return sum(u.projected_grad for u in updates) / len(updates) if updates else 0.0
+
+    @property
+    def zo_random_seed(self) -> int | None:
+        """The seed of z of the last step (its first direction)."""
+        updates = self._last()
+        return updates[0].seed if updates else None
+
+    @property
+    def lr(self) -> float:
+        """The lr the last step applied (summed over its directions), else ``ZOConfig.lr``. Setting it sets
+        ``ZOConfig.lr`` for the next steps."""
+        updates = self._last()
+        return sum(u.lr for u in updates) if updates else self.engine.config.lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self.engine.config.lr = value
+
+    @property
+    def zo_eps(self) -> float:
+        """The perturbation scale (``ZOConfig.eps``)."""
+        return self.engine.config.eps
+
+    @property
+    def weight_decay(self) -> float:
+        """``ZOConfig.weight_decay``."""
+        return self.engine.config.weight_decay
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """One torch-style group, read-only: the trainable parameters, ``lr``, ``weight_decay`` and ``eps``."""
+        params = [p for p in self.engine.model.parameters() if p.requires_grad]
+        return [{"params": params, "lr": self.lr, "weight_decay": self.weight_decay, "eps": self.zo_eps}]
+
+
+def _register(attribute: str) -> Any:
+    def register(self: nn.Module, hook_fn: Any) -> None:
+        getattr(self, attribute).append(hook_fn)
+    register.__doc__ = f"Append ``hook_fn`` to ``model.{attribute}`` (ZO2's hook API, called in order)."
+    return register
+
+
+def _register_custom_opt(self: nn.Module, custom_opt_obj: Any) -> None:
+    """ZO2 replaces its optimizer object here; zo2's optimizer is a method of the engine."""
+    raise NotImplementedError(
+        "register_custom_opt is not supported: zo2's update rule is a method plug-in, not an object on the model. "
+        "Use ZOConfig(method=...) with one of zo2.METHODS, or register a new method in zo2.methods")
+
+
 def attach_zo_methods(model: nn.Module) -> nn.Module:
-    """Give one model instance ``zo_init``, ``zo_train`` and ``zo_eval`` (what ``zo_hf_init`` does)."""
-    for name, fn in (("zo_init", _zo_init), ("zo_train", _zo_train), ("zo_eval", _zo_eval)):
+    """Give one model instance ``zo_init``, ``zo_train`` and ``zo_eval`` (what ``zo_hf_init`` does), and
+    ZO2's hook API: ``register_zo_{train,eval}_loss_fn_{pre,post}_hook``, ``zo_custom_{train,eval}_loss_fn``
+    (see :mod:`zo2.objectives.loss_hooks`) and ``register_custom_opt`` (refused, naming what to use)."""
+    methods = {"zo_init": _zo_init, "zo_train": _zo_train, "zo_eval": _zo_eval,
+               "register_custom_opt": _register_custom_opt}
+    methods.update({f"register_{name[:-1]}": _register(name) for name in loss_hooks.HOOK_LISTS})
+    for name, fn in methods.items():
         setattr(model, name, types.MethodType(fn, model))
+    loss_hooks.init_loss_hooks(model)
     return model
 
 
