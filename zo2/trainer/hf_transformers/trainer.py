@@ -38,7 +38,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..checkpoint import (
+from ...checkpoint import (
     SEED_LOG_NAME,
     STATE_NAME,
     CheckpointError,
@@ -47,12 +47,12 @@ from ..checkpoint import (
     save_seed_log,
     write_manifest,
 )
-from ..config import ZOConfig
-from ..engine import ZOEngine
-from ..hf import engine_for_this_process, on_this_rank
-from ..persist.compat import mark_placed, rotate_checkpoints
-from ..persist.durable import write_json
-from ..result import StepResult
+from ...config import ZOConfig
+from ...engine import ZOEngine
+from ...hf import engine_for_this_process, on_this_rank
+from ...persist.compat import mark_placed, rotate_checkpoints
+from ...persist.durable import write_json
+from ...result import StepResult
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from trl import SFTTrainer
 
-from .hf_transformers import ZOTrainerMixin
+from ..hf_transformers.trainer import ZOTrainerMixin
 
 
 class ZOSFTTrainer(ZOTrainerMixin, SFTTrainer):
