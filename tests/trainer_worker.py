@@ -48,7 +48,8 @@ def build_trainer(output_dir: str | Path, *, arch: str = "llama", data_size: int
                   **overrides) -> ZOTrainer:
     """A ZOTrainer on a tiny model; everything is a pure function of the arguments. ``zo_init``: ZO2's
     flow (``with zo_hf_init(cfg): model = ...; model.zo_init(cfg)``, then the trainer without zo_config)."""
-    config = ZOConfig(**{"working_device": "cpu", "eps": 1e-3, "seed": 5, **(zo_config or {})})
+    # lr as TrainingArguments': a zo_init model trains at its ZOConfig.lr (ZO2's rule), the trainer's engine at args'
+    config = ZOConfig(**{"working_device": "cpu", "eps": 1e-3, "seed": 5, "lr": 5e-3, **(zo_config or {})})
     if zo_init:
         with zo_hf_init(config):
             model = make_model(arch, dtype=dtype)

@@ -33,6 +33,7 @@ from .config import ZOConfig
 from .distributed import role_for
 from .engine import ZOEngine
 from .objectives import loss_hooks
+from .objectives.base import Objective
 from .result import StepResult
 
 
@@ -121,17 +122,27 @@ def _extra_keys(model: nn.Module, batch: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(k for k in batch if k not in known and k != "labels")
 
 
+def _custom_loss_keys(model: nn.Module, batch: Mapping[str, Any], kind: str) -> tuple[str, ...]:
+    return _extra_keys(model, batch) if getattr(model, f"zo_custom_{kind}_loss_fn", None) is not None else ()
+
+
+def training_objective(model: nn.Module, batch: Mapping[str, Any]) -> Objective | None:
+    """What a ZO2 model's training step on ``batch`` minimises: its loss hooks and custom train loss
+    (:mod:`zo2.objectives.loss_hooks`), or ``None`` (the engine's objective) when it has none."""
+    if not loss_hooks.uses_loss_hooks(model, "train"):
+        return None
+    return loss_hooks.train_objective(model, _custom_loss_keys(model, batch, "train"))
+
+
 def _zo_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     engine = self.zo_engine
     batch = _keywords(self, args, kwargs)
-    kind = "train" if self.zo_training else "eval"
-    hooked = loss_hooks.uses_loss_hooks(self, kind)
-    extra = _extra_keys(self, batch) if getattr(self, f"zo_custom_{kind}_loss_fn", None) is not None else ()
-    if not self.zo_training:
-        return loss_hooks.evaluate(self, engine.forward, batch, extra) if hooked else engine.forward(**batch)
-    objective = loss_hooks.train_objective(self, extra) if hooked else None
-    self.zo_last_step = engine.step(batch, objective=objective)
-    return torch.tensor(self.zo_last_step.loss)
+    if self.zo_training:
+        self.zo_last_step = engine.step(batch, objective=training_objective(self, batch))
+        return torch.tensor(self.zo_last_step.loss)
+    if not loss_hooks.uses_loss_hooks(self, "eval"):
+        return engine.forward(**batch)
+    return loss_hooks.evaluate(self, engine.forward, batch, _custom_loss_keys(self, batch, "eval"))
 
 
 class ZO2OptimizerView:

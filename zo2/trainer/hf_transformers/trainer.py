@@ -49,10 +49,11 @@ from ...checkpoint import (
 )
 from ...config import ZOConfig
 from ...engine import ZOEngine
-from ...hf import engine_for_this_process, on_this_rank
+from ...hf import engine_for_this_process, on_this_rank, training_objective
 from ...persist.compat import mark_placed, rotate_checkpoints
 from ...persist.durable import write_json
 from ...result import StepResult
+from ..zo2_arguments import follow_model_lr, map_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -139,14 +140,18 @@ def check_training_arguments(args: Any) -> None:
 
 def _check_zo_config(config: ZOConfig, args: Any) -> None:
     """Refuse the parallel modes a trainer cannot drive; say that ``ZOConfig.lr`` gives way to Trainer's."""
-    if config.perturbation_parallel > 1 or config.direction_parallel > 1:
-        raise ValueError("ZO trainers shard the data over all processes (data parallel); ZOConfig."
-                         "perturbation_parallel and direction_parallel need the engine API with "
-                         "zo2.distributed.shard_batch")
+    _check_parallel(config)
     default_lr = ZOConfig.__dataclass_fields__["lr"].default
     if config.lr not in (default_lr, args.learning_rate):
         logger.warning("ZOConfig.lr=%g is ignored: the trainer's lr is TrainingArguments.learning_rate=%g "
                        "(with its schedule)", config.lr, args.learning_rate)
+
+
+def _check_parallel(config: ZOConfig) -> None:
+    if config.perturbation_parallel > 1 or config.direction_parallel > 1:
+        raise ValueError("ZO trainers shard the data over all processes (data parallel); ZOConfig."
+                         "perturbation_parallel and direction_parallel need the engine API with "
+                         "zo2.distributed.shard_batch")
 
 
 def _tokens(inputs: dict[str, Any]) -> int:
@@ -161,12 +166,15 @@ class ZOTrainerMixin:
     """The hooks that make a ``transformers.Trainer`` subclass train with a :class:`~zo2.ZOEngine`.
 
     ``zo_config``: the ZO settings (eps, noise, seed, offloading, storage dtype, ...); the learning rate
-    and its schedule come from TrainingArguments. Or call ``model.zo_init(config)`` first and omit it.
+    and its schedule come from TrainingArguments. Or call ``model.zo_init(config)`` first and omit it (ZO2's
+    flow): then the model's ``ZOConfig.lr`` is the learning rate (TrainingArguments' schedule scales it),
+    and a different ``TrainingArguments.learning_rate`` is named in a warning.
     """
 
     zo_engine: ZOEngine
 
     def __init__(self, *args: Any, zo_config: ZOConfig | None = None, **kwargs: Any) -> None:
+        map_tokenizer(kwargs)
         super().__init__(*args, **kwargs)
         name = type(self).__name__
         check_training_arguments(self.args)
@@ -182,6 +190,19 @@ class ZOTrainerMixin:
         self._zo_results: list[StepResult] = []
         self._zo_tokens = 0
         self._zo_since: float | None = None
+        self.zo2_training_step_pre_hooks: list = []
+        """ZO2's step hooks: ``hook(model, inputs) -> (model, inputs)`` before each (micro-)batch."""
+        self.zo2_training_step_post_hooks: list = []
+        """``hook(model, inputs, loss) -> (model, inputs, loss)`` after each step's update is recorded."""
+
+    def register_zo2_training_step_pre_hook(self, hook_fn: Any) -> None:
+        """Call ``hook_fn(model, inputs) -> (model, inputs)`` before each training (micro-)batch (ZO2's API)."""
+        self.zo2_training_step_pre_hooks.append(hook_fn)
+
+    def register_zo2_training_step_post_hook(self, hook_fn: Any) -> None:
+        """Call ``hook_fn(model, inputs, loss) -> (model, inputs, loss)`` after each step is committed (ZO2's
+        API); the loss it returns is the step's logged loss. The update is already recorded then."""
+        self.zo2_training_step_post_hooks.append(hook_fn)
 
     def _zo_engine(self, zo_config: ZOConfig | None) -> ZOEngine:
         """The model's own engine (``model.zo_init``), or one built from ``zo_config`` exactly as
@@ -200,7 +221,8 @@ class ZOTrainerMixin:
             raise ValueError(f"{self.args.world_size} processes train, but the model's zo_engine was built for one "
                              "process: call model.zo_init(config) in every process the launcher started, or pass "
                              "zo_config=... to the trainer")
-        _check_zo_config(engine.config, self.args)
+        _check_parallel(engine.config)
+        follow_model_lr(self.args, engine)
         return engine
 
     # ------------------------------------------------------------------------ optimizer, placement
@@ -219,13 +241,18 @@ class ZOTrainerMixin:
         loss (0 for the earlier micro-batches, so Trainer's sum over a step is the step's loss)."""
         if self._zo_since is None:
             self._zo_since = time.perf_counter()
-        self.zo_engine.accumulate(inputs)
+        for hook in self.zo2_training_step_pre_hooks:
+            model, inputs = hook(model, inputs)
+        self.zo_engine.accumulate(inputs, objective=training_objective(self.model, inputs))
         self._zo_tokens += _tokens(inputs)
         if not self.accelerator.sync_gradients:  # Trainer's flag: more micro-batches of this step follow
             return torch.zeros((), device=self.args.device)
         result = self.zo_engine.commit(lr=self.optimizer.param_groups[0]["lr"])
         self._zo_results.append(result)
-        return torch.tensor(result.loss, device=self.args.device)
+        loss = torch.tensor(result.loss, device=self.args.device)
+        for hook in self.zo2_training_step_post_hooks:
+            model, inputs, loss = hook(model, inputs, loss)
+        return loss
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:

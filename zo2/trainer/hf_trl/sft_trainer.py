@@ -11,19 +11,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from trl import SFTTrainer
+from trl import SFTConfig, SFTTrainer
 
 from ..hf_transformers.trainer import ZOTrainerMixin
+from ..zo2_arguments import map_sft_keywords
 
 
 class ZOSFTTrainer(ZOTrainerMixin, SFTTrainer):
     """``trl.SFTTrainer`` with zeroth-order steps; same arguments plus ``zo_config: ZOConfig``.
 
     Padding-free batches (``padding_free=True`` or BFD packing) are refused: the engine evaluates both
-    perturbations in one forward over a doubled batch of padded rows."""
+    perturbations in one forward over a doubled batch of padded rows. ZO2's keywords ``dataset_text_field=``
+    and ``max_seq_length=`` are moved into the SFTConfig (as ``dataset_text_field`` and ``max_length``)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, model: Any, args: Any = None, *rest: Any, **kwargs: Any) -> None:
+        args = map_sft_keywords(args, kwargs, SFTConfig)
+        super().__init__(model, args, *rest, **kwargs)
         if self.padding_free:
             raise ValueError("ZOSFTTrainer needs padded batches: set SFTConfig.padding_free=False and, with "
                              "packing=True, packing_strategy='wrapped'")
