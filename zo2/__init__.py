@@ -15,6 +15,12 @@ from .config import ZOConfig, ZOConfigError
 from .engine import ZOEngine, replay
 from .hf import attach_zo_methods, zo_hf_init
 from .methods import METHODS
+from .model.huggingface.opt import (
+    get_opt_for_causalLM,
+    get_opt_for_question_answering,
+    get_opt_for_sequence_classification,
+)
+from .model.nanogpt.mezo_sgd import get_nanogpt_mezo_sgd
 from .objectives import Objective, candidate_cross_entropy, objective
 from .result import StepResult
 from .units.partition import UnsupportedModelError, find_partition
@@ -24,7 +30,9 @@ from .walk.role import Role
 
 __all__ = ["ZOConfig", "ZOConfigError", "ZOEngine", "Role", "StepResult", "Update", "UpdateLog", "replay",
            "zo_hf_init", "attach_zo_methods", "find_partition", "UnsupportedModelError", "BatchLayoutError",
-           "METHODS", "Objective", "objective", "candidate_cross_entropy", "ZOTrainer", "ZOSFTTrainer"]
+           "METHODS", "Objective", "objective", "candidate_cross_entropy", "ZOTrainer", "ZOSFTTrainer",
+           "get_opt_for_causalLM", "get_opt_for_sequence_classification", "get_opt_for_question_answering",
+           "get_nanogpt_mezo_sgd"]
 __version__ = "0.1.0"
 
 _LAZY_TRAINERS = ("ZOTrainer", "ZOSFTTrainer")
