@@ -13,8 +13,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch
-
 logger = logging.getLogger(__name__)
 
 

@@ -209,15 +209,23 @@ CALIBRATION_TOKENS = 8
 
 def calibration_inputs(inputs: dict[str, Any], batch_size: int, rows: torch.Tensor) -> dict[str, Any]:
     """The sub-batch of ``rows``, cut to the first and last ``CALIBRATION_TOKENS // 2`` positions when every
-    batched input is a (batch, length) tensor (ids, masks, positions); kept whole otherwise. The cut keeps
+    batched input is a (batch, length) tensor (ids, masks, positions), together with shared (1, length)
+    inputs (a leading dim of 1 is shared by the batch); kept whole otherwise. The cut keeps
     both ends, so a left- or right-padded row keeps its padding and the model still builds its masks."""
     selected = select_rows(inputs, batch_size, rows)
-    batched = [k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch_size]
-    lengths = {inputs[k].shape[1] if inputs[k].dim() == 2 else -1 for k in batched}
+    tensors = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.dim()}
+    batched = [k for k, v in tensors.items() if v.shape[0] == batch_size]
+    lengths = {tensors[k].shape[1] if tensors[k].dim() == 2 else -1 for k in batched}
     if len(lengths) != 1 or min(lengths) <= CALIBRATION_TOKENS:
         return selected
+    length = lengths.pop()
+    # a shared (1, T) input (positions broadcast over the batch) is cut with the rows; any other shared
+    # input that has a dimension of T could not be cut consistently, so then nothing is cut
+    cut = batched + [k for k, v in tensors.items() if k not in batched and tuple(v.shape) == (1, length)]
+    if any(length in v.shape for k, v in tensors.items() if k not in cut):
+        return selected
     keep = CALIBRATION_TOKENS // 2
-    return {k: torch.cat((v[:, :keep], v[:, -keep:]), dim=1) if k in batched else v for k, v in selected.items()}
+    return {k: torch.cat((v[:, :keep], v[:, -keep:]), dim=1) if k in cut else v for k, v in selected.items()}
 
 
 def select_rows(inputs: dict[str, Any], batch_size: int, rows: torch.Tensor) -> dict[str, Any]:
