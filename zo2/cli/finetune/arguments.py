@@ -15,6 +15,7 @@ from ...updates.schedules import SCHEDULES
 from .command import run
 from .data import GENERIC_TASKS
 from .model import EMBEDDED_MODEL
+from .zo2_flags import add_zo2_flag_aliases
 
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -223,4 +224,5 @@ def add_finetune_command(commands: Any) -> None:
     _add_data_arguments(parser)
     _add_training_arguments(parser)
     _add_placement_and_output_arguments(parser)
+    add_zo2_flag_aliases(parser)  # ZO2 run.py's flag names (examples/mezo_runner/mezo.sh)
     parser.set_defaults(handler=run)
