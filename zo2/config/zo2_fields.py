@@ -128,6 +128,8 @@ def accepts_zo2_fields(cls: type) -> type:
     @functools.wraps(dataclass_init)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         zo2_values = {name: kwargs.pop(name) for name in list(kwargs) if name in ZO2_FIELDS}
+        if "zo_method" in zo2_values and "method" not in kwargs:  # so the method's defaults are resolved for it
+            kwargs["method"] = zo2_values.pop("zo_method")
         dataclass_init(self, *args, **kwargs)
         object.__setattr__(self, "_constructed", True)
         for name, field in ZO2_FIELDS.items():
