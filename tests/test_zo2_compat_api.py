@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from tiny import make_batch, make_config, make_model, masters
+from tiny import make_batch, make_config, masters
 from transformers import OPTForCausalLM
 
 from zo2 import ZOConfig, ZOConfigError, get_opt_for_causalLM, get_opt_for_sequence_classification, zo_hf_init
