@@ -24,9 +24,21 @@ DOCUMENTED = {
                  "resolve_scope": "zo2.offload.budget", "walk_shape": "zo2.offload.budget"},
     "zo2.kernels": {"update_and_perturb": "zo2.kernels", "apply_updates": "zo2.kernels", "generate": "zo2.kernels",
                     "resolve": "zo2.kernels", "warm_up": "zo2.kernels"},
-    "zo2.trainer.hf_transformers": {"ZOTrainer": "zo2.trainer.hf_transformers"},
-    "zo2.trainer.hf_trl": {"ZOSFTTrainer": "zo2.trainer.hf_trl"},
-    "zo2.trainer": {"ZOTrainer": "zo2.trainer.hf_transformers", "ZOSFTTrainer": "zo2.trainer.hf_trl"},
+    "zo2.trainer.hf_transformers": {"ZOTrainer": "zo2.trainer.hf_transformers.trainer"},
+    "zo2.trainer.hf_trl": {"ZOSFTTrainer": "zo2.trainer.hf_trl.sft_trainer"},
+    "zo2.trainer": {"ZOTrainer": "zo2.trainer.hf_transformers.trainer", "ZOSFTTrainer": "zo2.trainer.hf_trl.sft_trainer"},
+    # ZO2's own import paths (its README, tutorials, examples and tests)
+    "zo2.trainer.hf_transformers.trainer": {"ZOTrainer": "zo2.trainer.hf_transformers.trainer"},
+    "zo2.trainer.hf_trl.sft_trainer": {"ZOSFTTrainer": "zo2.trainer.hf_trl.sft_trainer"},
+    "zo2.utils": {"seed_everything": "zo2.utils.utils"},
+    "zo2.utils.utils": {"seed_everything": "zo2.utils.utils"},
+    "zo2.config.mezo_sgd": {"MeZOSGDConfig": "zo2.config.mezo_sgd"},
+    "zo2.model.huggingface.zo_init": {"zo_hf_init": "zo2.hf"},
+    "zo2.model.huggingface.opt": {name: "zo2.model.huggingface.opt" for name in (
+        "get_opt_for_causalLM", "get_opt_for_sequence_classification", "get_opt_for_question_answering")},
+    "zo2.model.nanogpt.model": {"GPT": "zo2.model.nanogpt.model", "GPTConfig": "zo2.model.nanogpt.model",
+                                "GPTConfigs": "zo2.model.nanogpt.model"},
+    "zo2.model.nanogpt.mezo_sgd": {"get_nanogpt_mezo_sgd": "zo2.model.nanogpt.mezo_sgd"},
     "zo2.hf": {"zo_hf_init": "zo2.hf", "attach_zo_methods": "zo2.hf", "engine_for_this_process": "zo2.hf"},
     "zo2.objectives": {"objective": "zo2.objectives.base", "Objective": "zo2.objectives.base",
                        "candidate_cross_entropy": "zo2.objectives.classification",
@@ -37,7 +49,10 @@ DOCUMENTED = {
             "StepResult": "zo2.result", "Update": "zo2.updates.log", "UpdateLog": "zo2.updates.log",
             "Role": "zo2.walk.role", "METHODS": "zo2.methods", "objective": "zo2.objectives.base",
             "find_partition": "zo2.units.partition", "BatchLayoutError": "zo2.walk.batching",
-            "ZOTrainer": "zo2.trainer.hf_transformers", "ZOSFTTrainer": "zo2.trainer.hf_trl"},
+            "ZOTrainer": "zo2.trainer.hf_transformers.trainer", "ZOSFTTrainer": "zo2.trainer.hf_trl.sft_trainer",
+            "get_opt_for_causalLM": "zo2.model.huggingface.opt", "get_nanogpt_mezo_sgd": "zo2.model.nanogpt.mezo_sgd",
+            "get_opt_for_sequence_classification": "zo2.model.huggingface.opt",
+            "get_opt_for_question_answering": "zo2.model.huggingface.opt"},
 }
 
 
