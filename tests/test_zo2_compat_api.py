@@ -7,10 +7,18 @@ import random
 
 import pytest
 import torch
+import transformers
 from tiny import make_batch, make_config, masters
 from transformers import OPTForCausalLM
 
-from zo2 import ZOConfig, ZOConfigError, get_opt_for_causalLM, get_opt_for_sequence_classification, zo_hf_init
+from zo2 import (
+    ZOConfig,
+    ZOConfigError,
+    get_opt_for_causalLM,
+    get_opt_for_question_answering,
+    get_opt_for_sequence_classification,
+    zo_hf_init,
+)
 from zo2.config.mezo_sgd import MeZOSGDConfig
 from zo2.config.zo2_fields import ZO2FieldError
 from zo2.objectives.task_loss import causal_lm_loss
@@ -67,16 +75,19 @@ def test_positional_input_ids_train_as_keywords():
 
 
 @pytest.mark.parametrize("getter, head", [(get_opt_for_causalLM, "causal"),
-                                          (get_opt_for_sequence_classification, "seq-cls")])
-def test_opt_getters_build_models_with_zo2s_api(getter, head):
-    cfg = _cfg()
-    config = make_config("opt", num_labels=2)
-    model = getter(cfg)(config)
-    assert isinstance(model, getattr(__import__("transformers"), type(model).__name__))
+                                          (get_opt_for_sequence_classification, "seq-cls"),
+                                          (get_opt_for_question_answering, "qa")])
+def test_opt_getters_build_models_that_train_right_after_zo_init(getter, head):
+    """ZO2's test flow: ``getter(cfg)(config)``, ``.to(device)``, ``zo_init(cfg)``, then each call is a step."""
+    cfg = MeZOSGDConfig(lr=1e-3, weight_decay=0.1, eps=1e-3, working_device="cpu")
+    cfg.zo2 = True
+    cfg.overlap = True
+    model = getter(cfg)(make_config("opt", num_labels=2)).to("cpu")
+    assert isinstance(model, getattr(transformers, type(model).__name__))
     model.zo_init(cfg)
-    model.zo_train()
-    loss = model(**make_batch(head))
-    assert loss.item() == pytest.approx(model.zo_last_step.loss, rel=1e-7) and model.zo_engine.step_count == 1
+    losses = [model(**make_batch(head)).item() for _ in range(2)]
+    assert model.zo_engine.step_count == 2 and model.opt.projected_grad == model.zo_last_step.projected_grad
+    assert losses[-1] == pytest.approx(model.zo_last_step.loss, rel=1e-7)
 
 
 # ------------------------------------------------------------------------------------ hooks and custom losses

@@ -59,13 +59,14 @@ def engine_for_this_process(model: nn.Module, config: ZOConfig) -> ZOEngine:
     return ZOEngine(model, on_this_rank(config), role=role)
 
 
-def _zo_init(self: nn.Module, config: ZOConfig) -> ZOEngine:
+def _zo_init(self: nn.Module, config: ZOConfig, zo_training: bool = True) -> ZOEngine:
     """Move the model into zo2's flat storage under ``config`` and return its engine (under a
-    launcher, this rank's data-parallel engine: see :func:`engine_for_this_process`)."""
+    launcher, this rank's data-parallel engine: see :func:`engine_for_this_process`). As in ZO2, the
+    model is then in training mode (a call is a ZO step) unless ``zo_training=False``."""
     if getattr(self, "zo_engine", None) is not None:
         raise RuntimeError("zo_init was already called on this model")
     self.zo_engine = engine_for_this_process(self, config)
-    self.zo_training = False
+    self.zo_training = zo_training
     self.zo_last_step: StepResult | None = None
     self.opt = ZO2OptimizerView(self.zo_engine)
     self.forward = types.MethodType(_zo_forward, self)

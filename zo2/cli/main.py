@@ -92,7 +92,10 @@ def config_file_argv(path: str | Path, parser: argparse.ArgumentParser) -> list[
         return []
     if not isinstance(content, dict):
         raise ConfigFileError(f"--config {path}: expected a mapping of flag names to values")
-    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in _NOT_IN_CONFIG}
+    actions: dict[str, argparse.Action] = {}
+    for action in parser._actions:  # a destination's first flag is its own; later ones are ZO2's aliases
+        if action.option_strings and action.dest not in _NOT_IN_CONFIG:
+            actions.setdefault(action.dest, action)
     argv: list[str] = []
     for key, value in content.items():
         action = actions.get(str(key).replace("-", "_"))

@@ -65,9 +65,10 @@ class ZOGPT(GPT):
 
     def to(self, *args: Any, **kwargs: Any) -> "ZOGPT":
         """The engine placed the weights on ``ZOConfig.working_device``; moving them elsewhere is refused."""
-        target = next((a for a in (*args, *kwargs.values()) if isinstance(a, (str, torch.device))), None)
-        if target is not None and torch.device(target).type != self.zo_engine.device.type or any(
-                isinstance(a, torch.dtype) for a in (*args, *kwargs.values())):
+        values = (*args, *kwargs.values())
+        target = next((a for a in values if isinstance(a, (str, torch.device))), None)
+        moves = target is not None and torch.device(target).type != self.zo_engine.device.type
+        if moves or any(isinstance(a, torch.dtype) for a in values):
             raise ValueError(f"the ZO engine placed this model on {self.zo_engine.device} (ZOConfig.working_device) "
                              "in its own storage: set ZOConfig.working_device / storage_dtype instead of .to()")
         return self
