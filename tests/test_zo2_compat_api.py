@@ -55,6 +55,8 @@ def test_readme_custom_loop_trains_at_the_config_lr_and_model_opt_reads_the_last
     assert output.loss.item() == pytest.approx(causal_lm_loss(output.logits, batch["labels"]).item(), rel=1e-6)
     group = model.opt.param_groups[0]
     assert (group["lr"], group["eps"], len(group["params"])) == (1e-5, 1e-3, len(list(model.parameters())))
+    with pytest.raises(AttributeError, match="already recorded"):
+        model.opt.projected_grad = 0  # ZO2's way to drop a step after the fact
     model.opt.lr = 2e-5
     model.zo_train()
     model(input_ids=batch["input_ids"], labels=batch["labels"])

@@ -164,6 +164,12 @@ class ZO2OptimizerView:
         updates = self._last()
         return sum(u.projected_grad for u in updates) / len(updates) if updates else 0.0
 
+    @projected_grad.setter
+    def projected_grad(self, value: float) -> None:
+        raise AttributeError("model.opt.projected_grad is read from zo2's update log, where the step's update is "
+                             "already recorded: it cannot be changed to drop a step (a non-finite loss stops "
+                             "training with FloatingPointError before anything is recorded)")
+
     @property
     def zo_random_seed(self) -> int | None:
         """The seed of z of the last step (its first direction)."""
