@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from zo2 import cli
 from zo2.cli.main import build_parser
 
 MEZO_SH = Path(__file__).parent.parent / "examples" / "mezo_runner" / "mezo.sh"
@@ -58,21 +58,33 @@ def test_run_py_flags_without_an_equivalent_stop_with_what_to_use(flags, fix, ca
     assert fix in capsys.readouterr().err
 
 
-def test_mezo_sh_trains_through_zo2_finetune(model_dir: Path, data_file: Path, tmp_path: Path):
+def test_mezo_sh_trains_through_zo2_finetune(model_dir: Path, data_file: Path, tmp_path: Path, monkeypatch):
     """ZO2's first documented usage, ``MODEL=... TASK=SST2 MODE=ft LR=... EPS=... STEPS=... EVAL_STEPS=... bash
-    mezo.sh``, with the tiny model and local data (extra arguments replace the Hub task and fp16 on CPU)."""
+    mezo.sh``: the script's command line (recorded by a stand-in for ``zo2``) trains through zo2 finetune, with
+    the tiny model and local data (extra arguments replace the Hub task and fp16 on CPU)."""
     subprocess.run(["bash", "-n", str(MEZO_SH)], check=True)
+    record = tmp_path / "argv.sh"
+    record.write_text('for a in "$@"; do printf "%s\\n" "$a"; done\n')
     env = {**os.environ, "MODEL": str(model_dir), "TASK": "SST2", "MODE": "ft", "LR": "1e-3", "EPS": "1e-3",
            "STEPS": "2", "EVAL_STEPS": "1", "BS": "4", "TRAIN": "24", "EVAL": "10", "SEED": "1",
-           "ZO2": f"{sys.executable} -m zo2", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+           "ZO2": f"sh {record}"}
     local = ["--task", "text-classification", "--train-file", str(data_file), "--label-words", "neg=negative",
              "pos=positive", "--dtype", "float32", "--working_device", "cpu", "--zo_mode", "zo"]
-    subprocess.run(["bash", str(MEZO_SH), *local], check=True, env=env, cwd=tmp_path, timeout=300,
-                   capture_output=True)
+    printed = subprocess.run(["bash", str(MEZO_SH), *local], check=True, env=env, cwd=tmp_path, timeout=60,
+                             capture_output=True, text=True).stdout.splitlines()
+    argv = printed[printed.index("finetune"):]
+    assert "--train_as_classification" in argv and "--learning_rate" in argv  # ZO2 run.py's names
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 0
     summaries = list((tmp_path / "result").glob("*/summary.json"))
     assert [p.parent.name for p in summaries] == ["SST2-" + model_dir.name + "-mezo-ft-2-4-1e-3-1e-3-1"]
     summary = json.loads(summaries[0].read_text())
     assert summary["steps"] == 2 and summary["zo_config"]["lr"] == 1e-3 and summary["zo_config"]["eps"] == 1e-3
     assert summary["settings"]["objective"] == "classification"  # --train_as_classification: MeZO's loss
     assert [e["step"] for e in summary["evals"]] == [0, 1, 2]
+
+
+def test_mezo_sh_refuses_prefix_tuning(tmp_path):
+    run = subprocess.run(["bash", str(MEZO_SH)], env={**os.environ, "MODE": "prefix", "ZO2": "false"},
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "use ft or lora" in run.stderr
