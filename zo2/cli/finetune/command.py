@@ -82,6 +82,8 @@ def _adapted(model: Any, args: argparse.Namespace, checkpoint: Checkpoint | None
         return add_adapter(model, args.peft, rank=args.lora_rank, alpha=args.lora_alpha, targets=args.peft_targets,
                            seed=args.seed)
     except ValueError as err:
+        if "target" not in str(err).lower():  # peft's complaints name target_modules; anything else is not ours
+            raise
         linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                          if isinstance(module, torch.nn.Linear)})
         cause = (f"--peft-targets {' '.join(args.peft_targets)} names no module of this model" if args.peft_targets

@@ -103,14 +103,14 @@ class OutputFolder:
     def _take(self, resume: bool, overwrite: bool) -> None:
         """With the lock held: refuse or clear a previous run's outputs, then mark the folder."""
         assert self._lock is not None
-        self._lock.seek(0)
-        self._lock.truncate()
-        self._lock.write(f"{os.getpid()}\n")
-        self._lock.flush()
         used = [name for name in WRITTEN if (self.path / name).exists()]
         if used and not resume and not overwrite:
             raise TaskError(f"--output-dir {self.path} holds a previous run ({', '.join(used)}): pass --resume to "
                             "continue it, or --overwrite to delete its outputs and start afresh")
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write(f"{os.getpid()}\n")
+        self._lock.flush()
         if overwrite and not resume:
             for name in (n for n in os.listdir(self.path) if _zo2_name(n) and n not in (MARKER, LOCK)):
                 target = self.path / name
