@@ -168,7 +168,8 @@ def _run(args: argparse.Namespace, folder: OutputFolder | None, guard: StopGuard
         saved = job.save_final()
         summary = build_summary(job, time.perf_counter() - started, str(checkpoint.path) if checkpoint else None)
         if job.output is not None:
-            write_outputs(summary, job.output)
+            with job.writing(job.output / "summary.json"):
+                write_outputs(summary, job.output)
     except KeyboardInterrupt:  # the second signal: the step is abandoned, nothing more is saved
         raise RunInterrupted(job.step, args.steps, None, resumable=job.engine is not None, abandoned=True,
                              latest=job.latest, cause=guard.cause) from None

@@ -8,15 +8,17 @@ the engine state; a resumed run therefore reproduces the losses and the weights 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import inspect
 import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import modeling_utils
@@ -25,6 +27,7 @@ from ...checkpoint import Checkpoint, save_checkpoint
 from ...config import ZOConfig
 from ...engine import ZOEngine
 from ...objectives.classification import candidate_cross_entropy
+from ...persist.manifest import CheckpointError
 from ...tasks import Example, PromptEncoder, TaskError, training_batch
 from ...tasks import evaluate as evaluate_task
 from .budget import BUDGET_BAR_FORMAT, TimeBudget
@@ -272,6 +275,19 @@ class Run:
                                          f"diverged, nothing of this step is saved ({kept}); lower --lr (now "
                                          f"{self.args.lr:g})")
 
+    @contextlib.contextmanager
+    def writing(self, target: Path) -> Iterator[None]:
+        """Turn an OSError while writing ``target`` (a full disk, a quota, a file size limit) into one
+        CheckpointError line: what failed and what is still on disk. Writes are atomic, so nothing
+        half-written is left in place."""
+        try:
+            yield
+        except (OSError, SafetensorError) as err:  # safetensors reports a failed write as its own error
+            cause = f"{err.strerror} ({err.filename})" if isinstance(err, OSError) and err.strerror else str(err)
+            kept = (f"the newest checkpoint, {self.latest}, is whole: free space and rerun with --resume"
+                    if self.latest and self.engine is not None else "free space and rerun")
+            raise CheckpointError(f"could not write {target}: {cause}; nothing half-written was left; {kept}") from None
+
     def _extra(self) -> dict:
         return {"step": self.step, "history": self.history, "evals": self.evals, "best": self.best,
                 "train_seconds": self.train_seconds, "step_seconds": self.seconds,
@@ -286,10 +302,11 @@ class Run:
         self.check_weights()
         folder = self.output / "checkpoints"
         path = folder / f"step-{self.step:06d}"
-        if self.engine is not None:
-            save_checkpoint(self.engine, path, tokenizer=self.tokenizer, extra=self._extra())
-        else:
-            save_model_folder(self.model, self.tokenizer, path)
+        with self.writing(path):
+            if self.engine is not None:
+                save_checkpoint(self.engine, path, tokenizer=self.tokenizer, extra=self._extra())
+            else:
+                save_model_folder(self.model, self.tokenizer, path)
         self.latest, self._latest_records = path, (self.step, len(self.evals))
         # only older ones: a newer folder is a damaged checkpoint --resume skipped, replaced when its step comes
         older = sorted(p for p in folder.glob("step-*") if p.is_dir() and p.name < path.name)
@@ -301,10 +318,12 @@ class Run:
         """``best/``: hard links to this step's checkpoint (ZO) or a plain HF folder (first-order)."""
         target = self.output / "best"
         self.check_weights()
-        if self.engine is not None:
-            link_folder(self.save_checkpoint(), target)
-        else:
-            save_model_folder(self.model, self.tokenizer, target)
+        source = self.save_checkpoint() if self.engine is not None else None
+        with self.writing(target):
+            if source is not None:
+                link_folder(source, target)
+            else:
+                save_model_folder(self.model, self.tokenizer, target)
         self.best_dir, self._best_dir_step = target, self.step
 
     def save_final(self) -> Path | None:
@@ -318,10 +337,11 @@ class Run:
         target = self.output / "final"
         same = self.best_dir if self._best_dir_step == self.step else (
             self.latest if self._latest_records and self._latest_records[0] == self.step else None)
-        if same is not None:
-            link_folder(same, target)
-        else:
-            save_model_folder(self.model, self.tokenizer, target)
+        with self.writing(target):
+            if same is not None:
+                link_folder(same, target)
+            else:
+                save_model_folder(self.model, self.tokenizer, target)
         self.final_dir = target
         return target
 
