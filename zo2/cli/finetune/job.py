@@ -271,9 +271,9 @@ class Run:
             largest = float(weight.detach().abs().max())
             if not largest <= torch.finfo(weight.dtype).max ** 0.5:
                 kept = f"the last good checkpoint is {self.latest}" if self.latest else "no checkpoint was saved"
+                lr = (self.engine.config if self.engine is not None else self.config).lr  # as resolved
                 raise FloatingPointError(f"after step {self.step} weight {name} reaches {largest:.3g}: training has "
-                                         f"diverged, nothing of this step is saved ({kept}); lower --lr (now "
-                                         f"{self.args.lr:g})")
+                                         f"diverged, nothing of this step is saved ({kept}); lower --lr (now {lr})")
 
     @contextlib.contextmanager
     def writing(self, target: Path) -> Iterator[None]:

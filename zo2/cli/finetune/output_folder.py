@@ -26,14 +26,18 @@ MARKER = ".zo2-run.json"
 LOCK = ".zo2-run.lock"
 """The lock file; a live run holds an exclusive ``flock`` on it (and writes its pid into it)."""
 WRITTEN = ("checkpoints", "best", "final", "summary.json", "loss_curve.png")
-"""What a finetune run writes in its output folder; ``--overwrite`` removes these and nothing else."""
+"""What a finetune run writes in its output folder; ``--overwrite`` removes these (and their staging
+leftovers) and nothing else."""
 MARKER_FORMAT = "zo2-finetune-output"
+PROBE = ".zo2-probe-"
+"""Prefix of the empty file written and removed to test that the folder is writable."""
 
 
 def _zo2_name(name: str) -> bool:
     """Whether a name in the output folder is zo2's: an output, the marker or lock, or a staging or
     set-aside copy of an output that an interrupted write left (``.best.tmp-*``, ``.best.old-*``)."""
-    return name in (*WRITTEN, MARKER, LOCK) or any(name.startswith(f".{w}.") for w in WRITTEN)
+    return (name in (*WRITTEN, MARKER, LOCK) or name.startswith(PROBE)
+            or any(name.startswith(f".{w}.") for w in WRITTEN))
 
 
 def _foreign(path: Path) -> list[str]:
@@ -53,7 +57,7 @@ def _make_folder(path: Path) -> None:
 
 def _check_writable(path: Path) -> None:
     """Write and remove a probe file: ``os.access`` says yes to root on a read-only mount."""
-    probe = path / f".zo2-probe-{os.getpid()}"
+    probe = path / f"{PROBE}{os.getpid()}"
     try:
         probe.write_bytes(b"")
         probe.unlink()
