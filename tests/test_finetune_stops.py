@@ -78,9 +78,8 @@ def test_ctrl_c_saves_a_checkpoint_and_the_resume_equals_a_straight_run(model_di
     assert any(not torch.equal(wa[k], v) for k, v in weights(model_dir).items())  # training moved the weights
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
-def test_sigterm_and_sighup_stop_like_ctrl_c(model_dir: Path, data_file: Path, tmp_path: Path, signum) -> None:
-    out = tmp_path / "out"
+def test_sigterm_stops_like_ctrl_c(model_dir: Path, data_file: Path, tmp_path: Path) -> None:
+    signum, out = signal.SIGTERM, tmp_path / "out"  # SIGHUP takes the same handler (the guard test below)
     argv = finetune_args(model_dir, data_file, "--steps", "100000", "--save-every", "1", "--output-dir", str(out))
     with open(tmp_path / "stderr.txt", "w") as stderr:
         process = subprocess.Popen([sys.executable, "-m", "zo2", *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -142,6 +141,20 @@ def test_the_guard_turns_the_first_sigint_into_a_request_and_the_second_into_key
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.parametrize("signum, cause", [(signal.SIGTERM, "SIGTERM"), (signal.SIGHUP, "SIGHUP")])
+def test_the_guard_takes_sigterm_and_sighup_as_ctrl_c(signum, cause, caplog) -> None:
+    before = signal.getsignal(signum)
+    with StopGuard() as guard:
+        os.kill(os.getpid(), signum)
+        time.sleep(0.01)  # the handler runs at the next bytecode boundary
+        assert (guard.requested, guard.cause) == (True, cause)
+        with pytest.raises(KeyboardInterrupt):  # a second signal of any kind quits at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signum) is before
+    assert f"{cause}: stopping after the current step and saving" in caplog.text
 
 
 def test_the_interrupt_line_says_what_was_saved_and_how_to_resume(tmp_path: Path) -> None:
