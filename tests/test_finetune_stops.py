@@ -145,7 +145,18 @@ def test_the_guard_turns_the_first_sigint_into_a_request_and_the_second_into_key
 
 @pytest.mark.parametrize("signum, cause", [(signal.SIGTERM, "SIGTERM"), (signal.SIGHUP, "SIGHUP")])
 def test_the_guard_takes_sigterm_and_sighup_as_ctrl_c(signum, cause, caplog) -> None:
-    before = signal.getsignal(signum)
+    def ignore(*_: object) -> None:  # without the guard the signal must not end the test session
+        pass
+
+    previous = signal.signal(signum, ignore)
+    try:
+        _guard_takes(signum, cause, ignore)
+    finally:
+        signal.signal(signum, previous)
+    assert f"{cause}: stopping after the current step and saving" in caplog.text
+
+
+def _guard_takes(signum: int, cause: str, before: object) -> None:
     with StopGuard() as guard:
         os.kill(os.getpid(), signum)
         time.sleep(0.01)  # the handler runs at the next bytecode boundary
@@ -154,7 +165,6 @@ def test_the_guard_takes_sigterm_and_sighup_as_ctrl_c(signum, cause, caplog) -> 
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
     assert signal.getsignal(signum) is before
-    assert f"{cause}: stopping after the current step and saving" in caplog.text
 
 
 def test_the_interrupt_line_says_what_was_saved_and_how_to_resume(tmp_path: Path) -> None:
