@@ -77,7 +77,8 @@ def test_no_best_folder_when_no_step_beats_the_start(model_dir: Path, data_file:
     summary = _summary(out)
     assert len({e["accuracy"] for e in summary["evals"]}) == 1  # too small a step to change a prediction
     assert summary["best"] == {"step": 0, "value": summary["before"]} and summary["outputs"]["best"] is None
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "loss_curve.png", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".zo2-run.json", ".zo2-run.lock", "checkpoints", "loss_curve.png",
+                                                      "summary.json"]
 
 
 def test_summary_settings_rerun_the_run(model_dir: Path, data_file: Path, tmp_path: Path) -> None:

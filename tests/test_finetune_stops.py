@@ -78,6 +78,56 @@ def test_ctrl_c_saves_a_checkpoint_and_the_resume_equals_a_straight_run(model_di
     assert any(not torch.equal(wa[k], v) for k, v in weights(model_dir).items())  # training moved the weights
 
 
+def test_sigterm_stops_like_ctrl_c(model_dir: Path, data_file: Path, tmp_path: Path) -> None:
+    signum, out = signal.SIGTERM, tmp_path / "out"  # SIGHUP takes the same handler (the guard test below)
+    argv = finetune_args(model_dir, data_file, "--steps", "100000", "--save-every", "1", "--output-dir", str(out))
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "zo2", *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                   stderr=stderr)
+        try:
+            _wait_for_checkpoint(out / "checkpoints", 1, process)
+            os.kill(process.pid, signum)
+            assert process.wait(timeout=300) == 130
+        finally:
+            process.kill()
+            process.wait()
+    err = (tmp_path / "stderr.txt").read_text()
+    name = signal.Signals(signum).name
+    assert "Traceback" not in err and f"{name}: stopping after the current step and saving" in err
+    found = re.fullmatch(rf"zo2 finetune: stopped by {name} at step (\d+) of 100000; saved (\S+); resume with: "
+                         r"zo2 (.+) --resume", err.strip().splitlines()[-1])
+    assert found, err
+    assert load_checkpoint(Path(found[2])).step == int(found[1])
+    assert json.loads((out / "summary.json").read_text())["stop_reason"] == "interrupted"
+
+
+def test_a_second_signal_quits_at_once_and_names_the_newest_checkpoint(model_dir: Path, data_file: Path,
+                                                                       tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    argv = finetune_args(model_dir, data_file, "--steps", "100000", "--save-every", "1", "--output-dir", str(out))
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "zo2", *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                   stderr=stderr)
+        try:
+            _wait_for_checkpoint(out / "checkpoints", 1, process)
+            # stopped, both signals are pending together: on SIGCONT the handlers run back to back, so the
+            # second lands in training, not after the process has saved and exited
+            process.send_signal(signal.SIGSTOP)
+            process.send_signal(signal.SIGINT)
+            process.send_signal(signal.SIGTERM)
+            process.send_signal(signal.SIGCONT)
+            assert process.wait(timeout=300) == 130
+        finally:
+            process.kill()
+            process.wait()
+    last = (tmp_path / "stderr.txt").read_text().strip().splitlines()[-1]
+    found = re.fullmatch(r"zo2 finetune: interrupted twice: quit at once at step (\d+); the newest checkpoint is "
+                         r"(\S+): resume with: zo2 (.+) --resume", last)
+    assert found, last
+    newest = max((out / "checkpoints").iterdir())
+    assert Path(found[2]) == newest and load_checkpoint(newest).step <= int(found[1])
+
+
 def test_the_guard_turns_the_first_sigint_into_a_request_and_the_second_into_keyboard_interrupt() -> None:
     before = signal.getsignal(signal.SIGINT)
     with StopGuard() as guard:
@@ -93,6 +143,30 @@ def test_the_guard_turns_the_first_sigint_into_a_request_and_the_second_into_key
     assert signal.getsignal(signal.SIGINT) is before
 
 
+@pytest.mark.parametrize("signum, cause", [(signal.SIGTERM, "SIGTERM"), (signal.SIGHUP, "SIGHUP")])
+def test_the_guard_takes_sigterm_and_sighup_as_ctrl_c(signum, cause, caplog) -> None:
+    def ignore(*_: object) -> None:  # without the guard the signal must not end the test session
+        pass
+
+    previous = signal.signal(signum, ignore)
+    try:
+        _guard_takes(signum, cause, ignore)
+    finally:
+        signal.signal(signum, previous)
+    assert f"{cause}: stopping after the current step and saving" in caplog.text
+
+
+def _guard_takes(signum: int, cause: str, before: object) -> None:
+    with StopGuard() as guard:
+        os.kill(os.getpid(), signum)
+        time.sleep(0.01)  # the handler runs at the next bytecode boundary
+        assert (guard.requested, guard.cause) == (True, cause)
+        with pytest.raises(KeyboardInterrupt):  # a second signal of any kind quits at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signum) is before
+
+
 def test_the_interrupt_line_says_what_was_saved_and_how_to_resume(tmp_path: Path) -> None:
     saved = tmp_path / "checkpoints" / "step-000007"
     command = "zo2 finetune --steps 40 --output-dir out"
@@ -105,8 +179,12 @@ def test_the_interrupt_line_says_what_was_saved_and_how_to_resume(tmp_path: Path
     assert RunInterrupted(0, 40, None, resumable=True).describe(command).endswith("nothing trained, nothing saved")
     abandoned = RunInterrupted(7, 40, None, resumable=True, abandoned=True, latest=saved)
     abandoned = abandoned.describe(command + " --resume")
-    assert abandoned == (f"interrupted twice: quit at once, the state after step 7 was not saved; the newest "
-                         f"checkpoint is {saved}: resume with: {command} --resume")
+    assert abandoned == (f"interrupted twice: quit at once at step 7; the newest checkpoint is {saved}: resume with: "
+                         f"{command} --resume")
+    assert RunInterrupted(7, 40, None, resumable=True, abandoned=True).describe(command) == (
+        "interrupted twice: quit at once, the state after step 7 was not saved (no checkpoint yet)")
+    assert RunInterrupted(7, 40, saved, resumable=True, cause="SIGTERM").describe(command) == (
+        f"stopped by SIGTERM at step 7 of 40; saved {saved}; resume with: {command} --resume")
 
 
 def test_budgets_stop_before_a_step_that_would_overshoot() -> None:

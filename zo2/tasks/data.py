@@ -80,15 +80,44 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     with stream:
         try:
             if fmt in (".csv", ".tsv"):
-                return list(csv.DictReader(stream, delimiter="\t" if fmt == ".tsv" else ","))
-            if fmt == ".json":
+                records = _read_table(stream, path, "\t" if fmt == ".tsv" else ",")
+            elif fmt == ".json":
                 records = json.load(stream)
             else:
-                records = [json.loads(line) for line in stream if line.strip()]
+                records = _read_lines(stream, path)
         except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as err:
             raise TaskError(f"{path}: cannot parse it as {fmt[1:]}: {err}") from None
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise TaskError(f"{path}: expected a list of objects (one per example), one field per column")
+    if not records:
+        raise TaskError(f"{path}: the file holds no rows; pass a file with examples")
+    return records
+
+
+def _read_table(stream: io.TextIOBase, path: Path, delimiter: str) -> list[dict[str, Any]]:
+    """The rows of a CSV/TSV stream; a row with more fields than the header is an error naming its line
+    (``csv`` would file the extra fields under the key None)."""
+    reader = csv.DictReader(stream, delimiter=delimiter)
+    records = []
+    for row in reader:
+        if None in row:
+            raise TaskError(f"{path}: line {reader.line_num} has {len(reader.fieldnames or []) + len(row[None])} "
+                            f"fields, the header {len(reader.fieldnames or [])}; quote fields that hold the "
+                            f"delimiter {delimiter!r}")
+        records.append(row)
+    return records
+
+
+def _read_lines(stream: io.TextIOBase, path: Path) -> list[Any]:
+    """The objects of a JSON Lines stream; a line that does not parse is an error naming its line number."""
+    records = []
+    for number, line in enumerate(stream, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise TaskError(f"{path}: line {number} is not valid JSON ({err.msg} at column {err.colno})") from None
     return records
 
 
@@ -113,10 +142,28 @@ def check_columns(records: Sequence[Mapping[str, Any]], **columns: str) -> None:
             raise TaskError(f"the {role} column {column!r} is not in the data; its columns are {list(records[0])}")
 
 
+def blank_label(value: Any) -> bool:
+    """Whether a label cell is empty (None, or only spaces): such a row has no class."""
+    return value is None or not str(value).strip()
+
+
 def distinct_labels(records: Sequence[Mapping[str, Any]], label_column: str) -> list[str]:
-    """The distinct values of ``label_column``, as strings, sorted (the classes when none are given)."""
+    """The distinct non-blank values of ``label_column``, as strings, sorted (the classes when none are
+    given). Values that differ only in case (``Positive``, ``positive``) are a TaskError: as separate
+    classes they would compete for one meaning."""
     check_columns(records, label=label_column)
-    return sorted({str(r.get(label_column)) for r in records})
+    values = sorted({str(r.get(label_column)) for r in records if not blank_label(r.get(label_column))})
+    folded: dict[str, list[str]] = {}
+    for value in values:
+        folded.setdefault(value.strip().casefold(), []).append(value)
+    clashes = [group for group in folded.values() if len(group) > 1]
+    if clashes:
+        shown = "; ".join(" and ".join(map(repr, group)) for group in clashes)
+        raise TaskError(f"label column {label_column!r} has values that differ only in case or spaces ({shown}), "
+                        "which would train as separate classes: write each class one way in the data (e.g. all lower "
+                        "case), or pass --label-words with one value per class and --drop-unknown-labels to leave out "
+                        "the other spellings")
+    return values
 
 
 # ---------------------------------------------------------------------------------- splits, order

@@ -20,7 +20,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, Sequence
 
-from .data import TaskError
+from .data import TaskError, blank_label
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +210,15 @@ class ColumnTask:
     def check_rows(self, records: Sequence[Mapping[str, Any]]) -> None:
         """TaskError naming the label values of ``records`` that have no label word (unless
         ``drop_unknown_labels``: then a warning); a warning for label words that no row uses."""
-        values = collections.Counter(str(r.get(self.label_column)) for r in records)
+        blank = [number for number, r in enumerate(records, start=1) if blank_label(r.get(self.label_column))]
+        if blank and not self.drop_unknown_labels:
+            shown = ", ".join(map(str, blank[:10])) + (f" and {len(blank) - 10} more" if len(blank) > 10 else "")
+            raise TaskError(f"label column {self.label_column!r} is empty in {len(blank)} rows (rows {shown}, counting "
+                            "data rows from 1): fill them in, or pass --drop-unknown-labels to leave them out")
+        if blank:
+            logger.warning("leaving out %d rows with an empty label", len(blank))
+        values = collections.Counter(str(r.get(self.label_column)) for r in records
+                                     if not blank_label(r.get(self.label_column)))
         unknown = {v: n for v, n in values.items() if v not in self.label_words and v not in self.ignored_labels}
         unused = [k for k in self.label_words if k not in values]
         found = ", ".join(f"{v!r} ({n} rows)" for v, n in sorted(unknown.items(), key=lambda item: -item[1]))

@@ -7,13 +7,15 @@ as an ``argparse.Namespace``.
 * :mod:`.model`: the model folder check and loading (the embedded SmolLM2 is converted once, cached).
 * :mod:`.data`: the task and its train/eval examples.
 * :mod:`.job`: :class:`Run`, the training loop, evaluation and saving.
-* :mod:`.budget`, :mod:`.interrupt`: ``--max-seconds``/``--max-run-seconds`` and Ctrl-C.
+* :mod:`.budget`, :mod:`.interrupt`: ``--max-seconds``/``--max-run-seconds``; Ctrl-C, SIGTERM and SIGHUP.
+* :mod:`.output_folder`: ``--output-dir`` claimed (checked, marked, locked) before anything is loaded.
 * :mod:`.folders`: output folders written atomically, with hard links instead of second copies.
 * :mod:`.summary`: ``summary.json``; :mod:`.classes`: label words, true-label counts, collapsed predictions;
   :mod:`.report`: the printed summary and the loss-curve PNG.
 
 Output folder layout::
 
+    .zo2-run.json, .zo2-run.lock   the marker naming the run, the lock a live run holds
     summary.json, loss_curve.png
     checkpoints/step-000040/   the latest checkpoints (HF model + tokenizer + zo2 state); --resume uses them
     best/                      the best eval metric, once a step beats the start (hard links to a checkpoint)

@@ -201,7 +201,7 @@ def _add_placement_and_output_arguments(parser: argparse.ArgumentParser) -> None
     output = parser.add_argument_group("output")
     output.add_argument("--output-dir", metavar="DIR", help="write summary.json, loss_curve.png, checkpoints/ "
                         "(latest), best/ (best eval metric, once a step beats the start) and, for --first-order, "
-                        "final/ here")
+                        "final/ here; a new or empty folder, or one of zo2's (refused while another run uses it)")
     output.add_argument("--save-every", type=_non_negative_int, default=0, help="also save a checkpoint every N "
                         "steps (for --resume); the last step is always saved (default: %(default)s)")
     output.add_argument("--save-total-limit", type=_positive_int, default=1, help="checkpoints kept in "
@@ -211,6 +211,9 @@ def _add_placement_and_output_arguments(parser: argparse.ArgumentParser) -> None
                         "to its checkpoint (default: on)")
     output.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in "
                         "--output-dir/checkpoints (exactly: same batches and seeds as an uninterrupted run)")
+    output.add_argument("--overwrite", action="store_true", help="start afresh in an --output-dir that holds a "
+                        "previous run: delete what zo2 wrote there (checkpoints/, best/, final/, summary.json, "
+                        "loss_curve.png) and nothing else")
     output.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="logging level (default: %(default)s)")
 

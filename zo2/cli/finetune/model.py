@@ -24,6 +24,11 @@ WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
                    "sentencepiece.bpe.model", "tekken.json", "*.tiktoken")
 """Files that hold a tokenizer's vocabulary (any one of them; ``tokenizer_config.json`` alone is not one)."""
+OTHER_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMaskedLM",
+               "ForMultipleChoice", "ForNextSentencePrediction", "ForPreTraining", "ForImageClassification",
+               "ForAudioClassification", "Model")
+"""Ends of ``architectures`` names in config.json that are not a causal-LM head: loading such a folder as
+a causal LM would train a freshly initialised LM head."""
 
 
 def cache_dir() -> Path:
@@ -56,11 +61,17 @@ def check_model_folder(folder: str | Path, flag: str = "--model") -> None:
                               f"{'; '.join(missing)} (it holds {shown}). Save one with model.save_pretrained(DIR) "
                               "and tokenizer.save_pretrained(DIR)")
     try:
-        model_type = json.loads(config.read_text()).get("model_type")
+        content = json.loads(config.read_text())
+        model_type = content.get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        model_type = None
+        content, model_type = {}, None
     if not model_type:
         raise TaskError(f"{flag} {config} is not a model config (a JSON object with a model_type)")
+    architectures = content.get("architectures") or []
+    if architectures and all(name.endswith(OTHER_HEADS) for name in architectures):
+        raise TaskError(f"{flag} {path} holds a {', '.join(architectures)} (config.json architectures), not a causal "
+                        "language model: zo2 finetune trains a causal-LM head (*ForCausalLM or *LMHeadModel, e.g. "
+                        "LlamaForCausalLM, GPT2LMHeadModel); pass such a model's folder")
 
 
 def save_atomically(model: Any, tokenizer: Any, target: Path) -> None:

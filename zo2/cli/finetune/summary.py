@@ -16,7 +16,7 @@ from .data import Data
 from .job import Run
 from .model import EMBEDDED_MODEL
 
-_NEVER_RECORDED = {"handler", "command", "config", "log_level", "resume", "output_dir"}
+_NEVER_RECORDED = {"handler", "command", "config", "log_level", "resume", "overwrite", "output_dir"}
 _ZO_ONLY = {"eps", "noise", "num_directions", "offload", "offloading_blocks", "storage_dtype", "method",
             "method_options", "max_parts_per_walk", "eps_scheduler"}
 _COLUMN_TASK_ONLY = {"template", "label_words", "label_column", "drop_unknown_labels"}
