@@ -48,6 +48,8 @@ TRAINING_FIELDS = ("method", "method_options", "lr", "eps", "weight_decay", "noi
 """ZOConfig fields a resumed run must share with the checkpoint's engine, compared as resolved (defaults
 filled in), else the steps after the resume would follow other math than those before."""
 _LOWER_IS_BETTER = {"loss", "perplexity"}
+#: Beyond float32's square root, norms and attention scores overflow (see Run.check_weights).
+_LARGEST_HEALTHY_WEIGHT = torch.finfo(torch.float32).max ** 0.5
 
 
 def resolve_objective(choice: str, data: Data) -> str:
@@ -258,9 +260,11 @@ class Run:
 
     # ------------------------------------------------------------------------------ saving
     def check_weights(self) -> None:
-        """FloatingPointError unless every trained weight is finite and small enough to square in its dtype:
-        beyond ``sqrt(finfo.max)`` norms and attention scores overflow and the forward returns zeros, inf or
-        nan (what ``--lr 1e30`` does). Called before anything is saved, so best/, final/ and checkpoints
+        """FloatingPointError unless every trained weight is finite and small enough to square in float32:
+        beyond ``sqrt(finfo(float32).max)`` norms and attention scores overflow and the forward returns zeros,
+        inf or nan (what ``--lr 1e30`` does). The bound is float32's for every storage dtype, so a large but
+        healthy float16 weight (above 16-bit's own root of 256) is not taken for divergence; a float16 weight
+        that overflowed is inf and fails the finiteness half. Called before anything is saved, so best/, final/ and checkpoints
         never hold such weights; the last good checkpoint stays on disk. Weights a disk store holds (on
         the meta device here) are not looked at."""
         if self.engine is not None:
@@ -269,7 +273,7 @@ class Run:
             if not weight.requires_grad or weight.device.type == "meta" or not weight.is_floating_point():
                 continue
             largest = float(weight.detach().abs().max())
-            if not largest <= torch.finfo(weight.dtype).max ** 0.5:
+            if not largest <= _LARGEST_HEALTHY_WEIGHT:
                 kept = f"the last good checkpoint is {self.latest}" if self.latest else "no checkpoint was saved"
                 lr = (self.engine.config if self.engine is not None else self.config).lr  # as resolved
                 raise FloatingPointError(f"after step {self.step} weight {name} reaches {largest:.3g}: training has "
