@@ -44,7 +44,8 @@ class StartSnapshot:
     def restore(self) -> None:
         """Put the engine back at its start: an empty update log and the saved masters, bit for bit."""
         engine = self.engine
-        engine.load_state_dict({"step_count": 0, "log": {"updates": []}, "method_state": self._method_state},
+        empty = {**engine.log.to_json(), "updates": []}
+        engine.load_state_dict({"step_count": 0, "log": empty, "method_state": self._method_state},
                                weights_updated=True)
         for unit in engine.trainable_units:
             engine.residency.load_unit_weights(unit, torch.load(self._path(unit.index)))
