@@ -18,6 +18,7 @@ from ...tasks import TaskError
 from .data import load_data
 from .interrupt import RunInterrupted, StopGuard, StopRequested
 from .job import Run
+from .lr import average_if_asked, search_if_asked
 from .model import check_model_folder, load_embedded_model, load_local_model
 from .report import write_outputs
 from .summary import build_summary
@@ -37,6 +38,7 @@ def _train_and_evaluate(job: Run, fresh: bool) -> str:
     try:
         if fresh:
             job.evaluate()
+        search_if_asked(job)
         reason = job.train() if job.step < job.args.steps else "steps"
         if reason != "interrupted" and job.evals[-1]["step"] != job.step:
             job.evaluate()
@@ -89,6 +91,7 @@ def run(args: argparse.Namespace) -> dict:
         try:
             job.stop_reason = _train_and_evaluate(job, fresh=checkpoint is None)
             saved = job.save_final()
+            average_if_asked(job)
         except KeyboardInterrupt:  # the second Ctrl-C: the step is abandoned, nothing more is saved
             raise RunInterrupted(job.step, args.steps, None, resumable=job.engine is not None, abandoned=True,
                                  latest=job.latest) from None
