@@ -10,8 +10,8 @@ from typing import Any, Literal, Mapping, Sequence
 import torch
 
 from .kernels import BACKENDS, default_backend
-from .methods import METHODS as _REGISTRY
 from .methods import DEFAULTS, build_options, method_class
+from .methods import METHODS as _REGISTRY
 from .updates import schedules
 
 METHODS = tuple(_REGISTRY)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 import math
 
+from ...methods.defaults import DEFAULTS
 from ...objectives.classification import candidate_cross_entropy
 from ...tasks import Example, TaskError, training_batch
-from ...methods.defaults import DEFAULTS
 from ...tuning import GRID, LRSearchError, LRSearchInterrupted, average_iterates, carve_validation, search_lr
 from ...tuning.lr_search import MIN_VALIDATION
 from .interrupt import StopRequested
