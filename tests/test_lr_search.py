@@ -2,6 +2,7 @@
 run the picked lr makes directly, and the search stops, resumes and fails cleanly."""
 import pytest
 import torch
+from dist_worker import launch, results_of, search_and_train
 from tiny import make_batch, make_model, masters
 
 from zo2 import ZOConfig, ZOEngine
@@ -107,3 +108,14 @@ def test_the_validation_slice_is_carved_from_training_data_disjointly():
         carve_validation(list(range(20)), 10, seed=0, keep=16)
     with pytest.raises(LRSearchError, match="at least 8"):
         carve_validation(examples, 4, seed=0)
+
+
+@pytest.mark.parametrize("config", [{}, {"perturbation_parallel": 2}])
+def test_every_rank_picks_the_same_lr_and_trains_as_one_process(config):
+    ranks = results_of(launch(search_and_train, 2, config, 2), 2)
+    alone = search_and_train({}, 2)  # one process, full batches
+    assert ranks[0]["lr"] == ranks[1]["lr"] == alone["lr"] == 1e-3  # an inner candidate, not the fallback
+    assert ranks[0]["scores"] == ranks[1]["scores"]
+    assert ranks[0]["scores"] == pytest.approx(alone["scores"], rel=1e-12)
+    assert torch.equal(ranks[0]["masters"], ranks[1]["masters"])
+    torch.testing.assert_close(ranks[0]["masters"], alone["masters"], rtol=0, atol=1e-12)
