@@ -10,8 +10,8 @@ from typing import Any, Literal, Mapping, Sequence
 import torch
 
 from .kernels import BACKENDS, default_backend
-from .methods import DEFAULTS, build_options, method_class
 from .methods import METHODS as _REGISTRY
+from .methods import build_options, defaults_for, method_class
 from .updates import schedules
 
 METHODS = tuple(_REGISTRY)
@@ -316,7 +316,7 @@ class ZOConfig:
         if self.num_directions is None:
             self.num_directions = method.default_directions
         if self.eps is None:
-            self.eps = DEFAULTS[self.method].eps
+            self.eps = defaults_for(self.method).eps
 
     def _validate_lr(self) -> None:
         lr, average = self.lr, self.average_last

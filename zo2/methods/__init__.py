@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .adamezo import AdaMeZO
 from .base import Decision, Method, Part, build_options
-from .defaults import DEFAULTS, MethodDefaults, out_of_scale
+from .defaults import DEFAULTS, MethodDefaults, defaults_for, out_of_scale
 from .fzoo import FZOO
 from .meazo import MEAZO
 from .mezo_sgd import MeZOSGD
@@ -17,8 +17,8 @@ from .sparse_mezo import SparseMeZO
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (MeZOSGD, FZOO, SparseMeZO, AdaMeZO, MEAZO)}
 
-__all__ = ["DEFAULTS", "METHODS", "Decision", "Method", "MethodDefaults", "Part", "build_options", "method_class",
-           "out_of_scale"]
+__all__ = ["DEFAULTS", "METHODS", "Decision", "Method", "MethodDefaults", "Part", "build_options", "defaults_for",
+           "method_class", "out_of_scale"]
 
 
 def method_class(name: str) -> type[Method]:

@@ -35,6 +35,14 @@ DEFAULTS: dict[str, MethodDefaults] = {
 }
 """Per method name (the keys of :data:`zo2.methods.METHODS`)."""
 
+
+
+def defaults_for(method: str) -> MethodDefaults:
+    """``method``'s row of :data:`DEFAULTS`; a method registered without one (a plug-in) gets MeZO-SGD's, whose
+    update rule the base :class:`~zo2.methods.base.Method` implements."""
+    return DEFAULTS.get(method, DEFAULTS["mezo-sgd"])
+
+
 OUT_OF_SCALE = 100.0
 """An lr more than this factor away from its method's default is warned about."""
 
@@ -42,7 +50,7 @@ OUT_OF_SCALE = 100.0
 def out_of_scale(method: str, lr: float) -> str | None:
     """A one-line warning when ``lr`` is more than :data:`OUT_OF_SCALE` times away from ``method``'s
     default (e.g. a MeZO-SGD lr given to fzoo); None when it is within range (or 0)."""
-    default = DEFAULTS[method]
+    default = defaults_for(method)
     if lr == 0 or default.lr / OUT_OF_SCALE <= lr <= default.lr * OUT_OF_SCALE:
         return None
     return (f"lr={lr:g} is {'above' if lr > default.lr else 'below'} the scale of method {method!r} by more than "
@@ -65,7 +73,7 @@ class LearningRate:
     def requested(cls, method: str, lr: float | str | None) -> "LearningRate":
         """What ``ZOConfig.lr`` asks for, before any search: the method's default for None."""
         if lr is None:
-            return cls(DEFAULTS[method].lr, f"default of {method}")
+            return cls(defaults_for(method).lr, f"default of {method}")
         if lr == "auto":
             return cls(None, "auto search pending")
         return cls(float(lr), "given")

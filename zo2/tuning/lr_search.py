@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..engine import ZOEngine
-from ..methods.defaults import DEFAULTS, LearningRate
+from ..methods.defaults import LearningRate, defaults_for
 from ..objectives import Objective
 from .snapshot import StartSnapshot
 
@@ -144,7 +144,7 @@ def search_lr(engine: ZOEngine, batches: Callable[[int], Batch], validation: Seq
     0; it is left there, at its starting weights, with the picked lr."""
     if steps < 1 or not factors or not validation:
         raise LRSearchError("search_lr needs steps >= 1, at least one factor and at least one validation batch")
-    default = DEFAULTS[engine.config.method].lr
+    default = defaults_for(engine.config.method).lr
     candidates = sorted(default * f for f in factors)
     table: list[dict] = []
     with StartSnapshot(engine, snapshot_dir) as start:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 
-from ...methods.defaults import DEFAULTS
+from ...methods.defaults import defaults_for
 from ...objectives.classification import candidate_cross_entropy
 from ...tasks import Example, TaskError, training_batch
 from ...tuning import GRID, LRSearchError, LRSearchInterrupted, average_iterates, carve_validation, search_lr
@@ -50,7 +50,7 @@ def search_if_asked(run: Run) -> None:
                                                (args.max_run_seconds, run.run_seconds)) if limit]
     objective = candidate_cross_entropy if run.objective == "classification" else None
     logger.info("--lr auto: searching %d candidate lrs around %g, %d steps each, scored on %d held-back training "
-                "examples", len(GRID), DEFAULTS[run.config.method].lr, args.lr_search_steps, len(validation))
+                "examples", len(GRID), defaults_for(run.config.method).lr, args.lr_search_steps, len(validation))
     try:
         result = search_lr(engine, lambda step: _batch(run, training_batch(pool, args.batch_size, args.seed, step)),
                            batches, steps=args.lr_search_steps, objective=objective,
