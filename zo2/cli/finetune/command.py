@@ -33,12 +33,12 @@ def latest_resumable(output_dir: Path) -> Checkpoint | None:
 
 
 def _train_and_evaluate(job: Run, fresh: bool) -> str:
-    """Evaluate (a fresh run), train, evaluate the end; returns the stop reason. Ctrl-C during an
-    evaluation abandons it (``interrupted``)."""
+    """Search the lr (``--lr auto``, once), evaluate (a fresh run), train, evaluate the end; returns the stop
+    reason. Ctrl-C during the search or an evaluation abandons it (``interrupted``)."""
     try:
+        search_if_asked(job)  # first: a search that cannot work fails early; it leaves the start weights exactly
         if fresh:
             job.evaluate()
-        search_if_asked(job)
         reason = job.train() if job.step < job.args.steps else "steps"
         if reason != "interrupted" and job.evals[-1]["step"] != job.step:
             job.evaluate()
