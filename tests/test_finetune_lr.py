@@ -104,3 +104,6 @@ def test_average_last_evaluates_the_averaged_iterates_and_keeps_the_last_in_the_
     assert b["averaged_last"] == 2 and b["evals"][-1]["averaged_last"] == 2 and b["evals"][:-1] == a["evals"]
     wa, wb = (weights(d / "checkpoints" / "step-000004") for d in (plain, averaged))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)  # the resumable checkpoint holds the last iterate
+    assert b["outputs"]["averaged"] == "averaged" and "averaged" not in a["outputs"]
+    mean = weights(averaged / "averaged")
+    assert any(not torch.equal(mean[k], wb[k]) for k in wb)

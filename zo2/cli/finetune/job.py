@@ -109,6 +109,7 @@ class Run:
         self.final_dir: Path | None = None
         self.averaged: int | None = None
         """``--average-last``: how many iterates the final evaluation averaged (None: the last iterate)."""
+        self.averaged_dir: Path | None = None
         if args.first_order:
             self.model, self.engine = model.to(config.working_device), None
             optimizer = torch.optim.AdamW if args.fo_optimizer == "adamw" else torch.optim.SGD
@@ -314,7 +315,8 @@ class Run:
         """The folders this run's weights are in, relative to ``--output-dir`` (None without one)."""
         if self.output is None:
             return None
-        relative = {"checkpoint": self.latest, "best": self.best_dir, "final": self.final_dir}
+        relative = {"checkpoint": self.latest, "best": self.best_dir, "final": self.final_dir,
+                    **({"averaged": self.averaged_dir} if self.averaged_dir else {})}
         return {k: str(p.relative_to(self.output)) if p is not None else None for k, p in relative.items()}
 
     def restore(self, checkpoint: Checkpoint) -> None:
