@@ -64,6 +64,12 @@ def test_a_resume_after_the_search_does_not_search_again(model_dir, data_file, t
     assert _summary(tmp_path)["learning_rate"] == first and _summary(tmp_path)["steps"] == 2
 
 
+def test_averaging_a_method_it_cannot_replay_is_refused_before_training(model_dir, data_file, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(finetune_args(model_dir, data_file, "--method", "adamezo", "--average-last", "0.5"))
+    assert "ZOConfig.average_last=0.5 is invalid" in capsys.readouterr().err
+
+
 def test_too_little_training_data_for_a_validation_slice_is_a_clear_error(model_dir, data_file, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(finetune_args(model_dir, data_file, *AUTO, "--train-examples", "10"))

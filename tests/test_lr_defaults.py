@@ -54,11 +54,13 @@ def test_an_lr_off_the_method_scale_is_warned_about_naming_the_scale(caplog):
     assert "scale of method" not in caplog.text
 
 
-@pytest.mark.parametrize("field, value", [("lr", -1.0), ("lr", "fast"), ("lr", float("inf")), ("lr", True),
-                                          ("average_last", 1.5), ("average_last", -0.1), ("eps", 0.0)])
-def test_bad_lr_fields_are_refused_naming_the_field(field, value):
+@pytest.mark.parametrize("field, value, others", [
+    ("lr", -1.0, {}), ("lr", "fast", {}), ("lr", float("inf"), {}), ("lr", True, {}), ("average_last", 1.5, {}),
+    ("average_last", -0.1, {}), ("eps", 0.0, {}), ("average_last", 0.5, {"method": "adamezo"}),
+    ("average_last", 0.5, {"weight_decay": 0.1})])
+def test_bad_lr_fields_are_refused_naming_the_field(field, value, others):
     with pytest.raises(ZOConfigError, match=f"ZOConfig.{field}="):
-        ZOConfig(working_device="cpu", **{field: value})
+        ZOConfig(working_device="cpu", **{field: value}, **others)
 
 
 def test_an_unsearched_auto_lr_refuses_to_step_and_says_how_to_search():

@@ -64,6 +64,8 @@ def test_the_pick_is_the_lowest_validation_loss_and_the_table_is_complete():
     assert all(set(row) == {"lr", "steps", "score", "seconds", "forward_passes"} for row in result.table)
     assert all(row["forward_passes"] == 2 * 2 + len(VALIDATION) for row in result.table)
     assert "picked" in result.describe()
+    assert result.forward_passes == sum(row["forward_passes"] for row in result.table) + len(VALIDATION)
+    assert result.seconds >= sum(row["seconds"] for row in result.table)
 
 
 def test_a_stop_request_restores_the_start_and_leaves_the_lr_unsearched():

@@ -326,6 +326,9 @@ class ZOConfig:
                        "number >= 0")
         if isinstance(average, bool) or not isinstance(average, (int, float)) or not 0 <= average <= 1:
             raise _bad("average_last", average, "a fraction of the last steps in [0, 1] (0: off, e.g. 0.5)")
+        if average and (not method_class(self.method).fused_kernels or self.weight_decay):
+            raise _bad("average_last", average, f"0 for method {self.method!r} with weight_decay={self.weight_decay}: "
+                       "averaging replays updates of the form lr * g * z (mezo-sgd, fzoo or meazo without weight decay)")
 
     def _validate_schedules(self) -> None:
         for name in ("lr_scheduler", "eps_scheduler"):

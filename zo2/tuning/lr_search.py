@@ -56,14 +56,10 @@ class LRSearch:
     table: tuple[dict, ...]
     """Per candidate: ``lr``, ``steps``, ``score`` (validation loss; inf if it diverged), ``seconds``,
     ``forward_passes`` (evaluations of a batch, validation included)."""
-
-    @property
-    def seconds(self) -> float:
-        return sum(row["seconds"] for row in self.table)
-
-    @property
-    def forward_passes(self) -> int:
-        return sum(row["forward_passes"] for row in self.table)
+    seconds: float
+    """The whole search: the candidates, the start's validation and the returns to the start."""
+    forward_passes: int
+    """The candidates' and the start's validation forward passes (batch evaluations)."""
 
     def describe(self) -> str:
         """The table as text (printed and logged)."""
@@ -147,8 +143,8 @@ def search_lr(engine: ZOEngine, batches: Callable[[int], Batch], validation: Seq
     default = defaults_for(engine.config.method).lr
     candidates = sorted(default * f for f in factors)
     table: list[dict] = []
+    begun = time.perf_counter()
     with StartSnapshot(engine, snapshot_dir) as start:
-        begun = time.perf_counter()
         start_score = _validation_loss(engine, validation, objective)
         for lr in candidates:
             spent = time.perf_counter() - begun
@@ -171,6 +167,7 @@ def search_lr(engine: ZOEngine, batches: Callable[[int], Batch], validation: Seq
                                     f"({table[0]['seconds']:.1f} s for {steps} steps): raise it, lower the search "
                                     "steps, or give the lr")
         choice = table[_agreed(_pick(table, start_score))]["lr"]
-    result = LRSearch(choice, start_score, tuple(table))
+    passes = sum(row["forward_passes"] for row in table) + len(validation)
+    result = LRSearch(choice, start_score, tuple(table), time.perf_counter() - begun, passes)
     engine.learning_rate = LearningRate(choice, "auto search", result.table)
     return result

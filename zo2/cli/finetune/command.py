@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> dict:
     schedules = {"lr_scheduler": args.lr_scheduler, "eps_scheduler": args.eps_scheduler,
                  "warmup_steps": args.warmup_steps}
     config = ZOConfig(method=args.method, method_options=dict(args.method_options or ()), lr=args.lr, eps=args.eps,
-                      seed=args.seed, noise=args.noise, weight_decay=args.weight_decay,
+                      seed=args.seed, noise=args.noise, weight_decay=args.weight_decay, average_last=args.average_last,
                       num_directions=args.num_directions, max_parts_per_walk=args.max_parts_per_walk,
                       zo2=offload and not args.first_order, offloading_blocks=args.offloading_blocks,
                       working_device=args.working_device, storage_dtype=args.storage_dtype, **schedules,

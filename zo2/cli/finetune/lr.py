@@ -70,9 +70,9 @@ def search_if_asked(run: Run) -> None:
 def average_if_asked(run: Run) -> None:
     """``--average-last``: once the last iterate is saved, average the last iterates, evaluate them and save
     them to ``averaged/``."""
-    if run.engine is None or not run.args.average_last or run.step == 0 or run.stop_reason == "interrupted":
+    if run.engine is None or not run.config.average_last or run.step == 0 or run.stop_reason == "interrupted":
         return
-    k = average_iterates(run.engine, run.args.average_last)
+    k = average_iterates(run.engine)
     run.averaged = k
     run.evaluate(keep_best=False)
     run.evals[-1]["averaged_last"] = k
