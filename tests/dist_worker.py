@@ -25,6 +25,7 @@ from tiny import make_batch, make_model, masters
 
 from zo2 import ZOConfig, ZOEngine
 from zo2.distributed import DistributedError, restore_checkpoint, role_for, save_checkpoint, shard_batch
+from zo2.tuning import search_lr
 
 #: Tiny LLaMA whose blocks hold an odd number of elements (2235), so sliced transfers have a tail.
 MODEL = dict(hidden_size=15, head_dim=6, num_attention_heads=3, num_key_value_heads=1, intermediate_size=33)
@@ -122,6 +123,19 @@ def train_scenarios(scenarios: dict[str, dict]) -> dict[str, dict]:
         if config.sliced_transfers:
             out[name]["shared"] = _other_rank_sees_writes(engine.units[1])
     return out
+
+
+def search_and_train(config: dict, steps: int) -> dict:
+    """lr="auto" on this rank's shard (data parallel by default): the pick, the search's scores, then
+    ``steps`` steps at the pick (``summary``)."""
+    config = ZOConfig(**{**TRAINING, "lr": "auto", "weight_decay": 0.0}, **config)
+    role = role_for(config)
+    engine = ZOEngine(make_model("llama", dtype=torch.float64, **MODEL), config, role=role)
+    batch = shard_batch(make_batch(**BATCH), config)  # validated on the batch it trains on: the pick is inner
+    result = search_lr(engine, lambda step: batch, [batch], steps=2, factors=(10.0, 100.0, 1000.0, 10000.0))
+    for _ in range(steps):
+        engine.step(batch)
+    return {"lr": engine.lr, "scores": [row["score"] for row in result.table], **summary(engine)}
 
 
 def _other_rank_sees_writes(unit) -> bool:

@@ -24,6 +24,7 @@ from torch import nn
 
 from .config import ZOConfig
 from .methods import Part, method_class
+from .methods.defaults import LearningRate, out_of_scale
 from .objectives import Objective, as_objective
 from .offload.disk.store import DiskStore
 from .offload.placement import WeightSource, place
@@ -67,7 +68,11 @@ class ZOEngine:
         """The default objective of steps (``None``: the model's task loss)."""
         self.device = torch.device(config.working_device)
         self.lr_schedule = lr_schedule
-        """Optional ``step -> lr``; ``None`` uses ``config.lr`` under ``config.lr_scheduler``."""
+        """Optional ``step -> lr``; ``None`` uses :attr:`lr` under ``config.lr_scheduler``."""
+        self.learning_rate = LearningRate.requested(config.method, config.lr)
+        """The lr steps use and where it came from (``ZOConfig.lr`` resolved; a search sets it for "auto")."""
+        if self.learning_rate.source == "given" and (warning := out_of_scale(config.method, config.lr)):
+            logger.warning("ZOConfig.%s", warning)
         self.log = UpdateLog(config.num_directions, generator=noise.GENERATOR_VERSION)
         """The update history: every update, and how far each unit's master has applied it."""
         self.method = method_class(config.method)(config, self.log)
@@ -108,6 +113,23 @@ class ZOEngine:
         return self.log.updates()
 
     @property
+    def lr(self) -> float | None:
+        """The learning rate of steps before their schedule factor (None: ``lr="auto"`` not searched yet)."""
+        return self.learning_rate.value
+
+    @lr.setter
+    def lr(self, value: float | str | None) -> None:
+        """Ask for another lr for the next steps (as ``ZOConfig.lr`` takes it: a number, None for the method's
+        default, "auto" to search again); steps already recorded keep theirs."""
+        self.config.lr = value  # validated on assignment
+        self.learning_rate = LearningRate.requested(self.config.method, value)
+
+    @property
+    def lr_source(self) -> str:
+        """Where :attr:`lr` came from: ``"given"``, ``"default of <method>"`` or ``"auto search"``."""
+        return self.learning_rate.source
+
+    @property
     def step_count(self) -> int:
         """Steps committed so far."""
         return self.log.steps
@@ -136,12 +158,24 @@ class ZOEngine:
                                               self.config.max_parts_per_walk)
         self._stats = stats if self._stats is None else self._stats + stats
 
+    def loss(self, batch: Mapping[str, Any], objective: Objective | Callable | None = None) -> float:
+        """The mean loss of ``objective`` (default: the engine's) on ``batch`` at the current weights, without
+        perturbation, combined over processes when distributed (a validation score)."""
+        stats = self._driver.evaluate(batch, as_objective(objective) or self.objective, [Part(None, 0, 0, "clean")],
+                                      self.config.eps_at(self.step_count))
+        if self.role.all_reduce is not None:
+            stats = self.role.all_reduce(stats)
+        return float(stats[0, 0] / stats[0, 1])
+
     def _lr(self, step: int, lr: float | None) -> float:
         if lr is not None:
             return float(lr)
         if self.lr_schedule is not None:
             return float(self.lr_schedule(step))
-        return self.config.lr * self.config.lr_factor(step)
+        if self.lr is None:
+            raise RuntimeError("ZOConfig.lr='auto' has not been searched yet: call zo2.tuning.search_lr(engine, "
+                               "batches, validation) before the first step, or pass lr to step()")
+        return self.lr * self.config.lr_factor(step)
 
     def commit(self, lr: float | None = None) -> StepResult:
         """Finish the step: combine the accumulated losses (across processes when distributed) and
@@ -180,7 +214,7 @@ class ZOEngine:
         """JSON-serialisable training state: the step count, the config, the method's own state and
         (unless ``include_log=False``, for checkpoints that keep the log in their seed log) the update log."""
         state = {"step_count": self.step_count, "config": self.config.to_dict(),
-                 "method_state": self.method.state_dict()}
+                 "method_state": self.method.state_dict(), "learning_rate": self.learning_rate.to_json()}
         if include_log:
             state["log"] = self.log.to_json()
         return state
@@ -207,6 +241,8 @@ class ZOEngine:
         self.log.set_applied_everywhere([u.index for u in self.trainable_units],
                                         self.log.steps if weights_updated else 0)
         self.method.load_state_dict(state.get("method_state", {}))
+        if "learning_rate" in state:  # a searched lr is not searched again
+            self.learning_rate = LearningRate.from_json(state["learning_rate"])
         self._stats = None
 
     # --------------------------------------------------------------------------- the plain model

@@ -178,14 +178,14 @@ class ZO2OptimizerView:
 
     @property
     def lr(self) -> float:
-        """The lr the last step applied (summed over its directions), else ``ZOConfig.lr``. Setting it sets
-        ``ZOConfig.lr`` for the next steps."""
+        """The lr the last step applied (summed over its directions), else the engine's resolved lr. Setting
+        it sets the lr of the next steps (``ZOEngine.lr``)."""
         updates = self._last()
-        return sum(u.lr for u in updates) if updates else self.engine.config.lr
+        return sum(u.lr for u in updates) if updates else self.engine.lr
 
     @lr.setter
     def lr(self, value: float) -> None:
-        self.engine.config.lr = value
+        self.engine.lr = value
 
     @property
     def zo_eps(self) -> float:

@@ -11,7 +11,7 @@ import torch
 
 from ..kernels import BACKENDS, default_backend
 from ..methods import METHODS as _REGISTRY
-from ..methods import build_options, method_class
+from ..methods import build_options, defaults_for, method_class
 from ..updates import schedules
 from .zo2_fields import accepts_zo2_fields
 
@@ -91,10 +91,18 @@ class ZOConfig:
     zo2: bool = True
     """Offload transformer blocks to ``offloading_device`` and stream them through the working device.
     With ``False`` every unit stays resident on ``working_device`` (plain MeZO)."""
-    lr: float = 1e-7
-    """Learning rate eta of ``theta <- theta - eta * (g * z + weight_decay * theta)``."""
-    eps: float = 1e-3
-    """Perturbation scale epsilon: the two forwards see ``theta + eps * z`` and ``theta - eps * z``."""
+    lr: float | Literal["auto"] | None = None
+    """Learning rate eta of ``theta <- theta - eta * (g * z + weight_decay * theta)`` (each method scales
+    it its own way: :data:`zo2.methods.DEFAULTS`). ``None``: the method's default; ``"auto"``: a short
+    search before training picks it (:func:`zo2.tuning.search_lr`; docs/guides/learning-rate.md). The lr
+    an engine trains with, and where it came from, are ``ZOEngine.lr`` and ``ZOEngine.lr_source``."""
+    eps: float | None = None
+    """Perturbation scale epsilon: the two forwards see ``theta + eps * z`` and ``theta - eps * z``.
+    ``None``: the method's default (1e-3 for every method today)."""
+    average_last: float = 0.0
+    """Iterate averaging: the fraction (0, 1] of the last steps whose iterates
+    :func:`zo2.tuning.average_iterates` (and ``zo2 finetune --average-last``) average into the final
+    weights, replayed from the update log with no copy of the model; 0: off (the last iterate)."""
     weight_decay: float = 0.0
     """Decoupled L2 factor lambda, applied only to weight matrices/embeddings (parameters with 2 or more
     dimensions), never to biases or normalisation parameters."""
@@ -214,14 +222,13 @@ class ZOConfig:
             raise _bad("kernels", self.kernels, f"one of {list(BACKENDS)}")
         if self.perturbation_scope not in PERTURBATION_SCOPES:
             raise _bad("perturbation_scope", self.perturbation_scope, f"one of {list(PERTURBATION_SCOPES)}")
-        for name in ("lr", "eps", "weight_decay"):
+        self._validate_lr()
+        for name in ("eps", "weight_decay"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise _bad(name, value, "a finite number")
         if self.eps <= 0:
             raise _bad("eps", self.eps, "a number > 0 (typically 1e-3)")
-        if self.lr < 0:
-            raise _bad("lr", self.lr, "a number >= 0")
         if self.weight_decay < 0:
             raise _bad("weight_decay", self.weight_decay, "a number >= 0")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
@@ -312,6 +319,20 @@ class ZOConfig:
             self.noise = method.default_noise
         if self.num_directions is None:
             self.num_directions = method.default_directions
+        if self.eps is None:
+            self.eps = defaults_for(self.method).eps
+
+    def _validate_lr(self) -> None:
+        lr, average = self.lr, self.average_last
+        if lr is not None and lr != "auto" and (isinstance(lr, bool) or not isinstance(lr, (int, float))
+                                                or not math.isfinite(lr) or lr < 0):
+            raise _bad("lr", lr, "None (the method's default), 'auto' (a search before training) or a finite "
+                       "number >= 0")
+        if isinstance(average, bool) or not isinstance(average, (int, float)) or not 0 <= average <= 1:
+            raise _bad("average_last", average, "a fraction of the last steps in [0, 1] (0: off, e.g. 0.5)")
+        if average and (not method_class(self.method).fused_kernels or self.weight_decay):
+            raise _bad("average_last", average, f"0 for method {self.method!r} with weight_decay={self.weight_decay}: "
+                       "averaging replays updates of the form lr * g * z (mezo-sgd, fzoo or meazo without weight decay)")
 
     def _validate_schedules(self) -> None:
         for name in ("lr_scheduler", "eps_scheduler"):

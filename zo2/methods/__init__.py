@@ -1,6 +1,7 @@
 """Zeroth-order methods as plug-ins: each module holds one method, registered in :data:`METHODS`.
 
-``ZOConfig(method=name, method_options={...})`` picks one; its options are the fields of the method's
+``ZOConfig(method=name, method_options={...})`` picks one; :data:`DEFAULTS` holds each one's default
+lr and eps and the scale its lr lives on; its options are the fields of the method's
 ``Options`` dataclass (documented there, validated when the config is made). See :mod:`.base` for
 what a method is to the engine.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 from .adamezo import AdaMeZO
 from .base import Decision, Method, Part, build_options
+from .defaults import DEFAULTS, MethodDefaults, defaults_for, out_of_scale
 from .fzoo import FZOO
 from .meazo import MEAZO
 from .mezo_sgd import MeZOSGD
@@ -15,7 +17,8 @@ from .sparse_mezo import SparseMeZO
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (MeZOSGD, FZOO, SparseMeZO, AdaMeZO, MEAZO)}
 
-__all__ = ["METHODS", "Decision", "Method", "Part", "build_options", "method_class"]
+__all__ = ["DEFAULTS", "METHODS", "Decision", "Method", "MethodDefaults", "Part", "build_options", "defaults_for",
+           "method_class", "out_of_scale"]
 
 
 def method_class(name: str) -> type[Method]:

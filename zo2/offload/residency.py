@@ -109,6 +109,28 @@ class Residency:
             return self.store.read_tensor(unit.index)
         return unit.master.detach().cpu()
 
+    def load_unit_weights(self, unit: Unit, weights: torch.Tensor) -> None:
+        """Make the unit's master hold ``weights`` (as :meth:`unit_weights` returned them), bit for bit; every
+        pending update must have been applied or dropped first. Disk units are not supported (their files
+        carry the journal's step count)."""
+        if self.store is not None and self.store.holds(unit, MASTER):
+            raise NotImplementedError(f"unit {unit.name} lives on disk: its weights are replaced by streaming a "
+                                      "checkpoint (zo2.loading.from_checkpoint)")
+        unit.master.copy_(weights.to(unit.master.device))
+
+    def rewrite(self, units: Sequence[Unit], change: Callable[[torch.Tensor, Unit], None]) -> None:
+        """Apply ``change(buffer, unit)`` to each unit's (flushed) weights on the working device, write them
+        back and wait until every master holds them (an edit outside the update log, e.g. averaging)."""
+        for unit in units:
+            buffer = self.acquire(unit)
+            change(buffer, unit)
+            if unit.offloaded:
+                self.scheduler.write_back(unit, buffer)
+            self.release(unit)
+        if self.scheduler is not None:
+            self.scheduler.synchronize_host()
+            self.scheduler.reset()
+
     def bytes_moved(self) -> tuple[int, int]:
         """(bytes uploaded to, bytes written back from) the working device so far."""
         if self.scheduler is None:

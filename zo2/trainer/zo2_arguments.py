@@ -14,7 +14,10 @@ logger = logging.getLogger(__name__)
 
 def engine_lr(engine: ZOEngine) -> float:
     """The learning rate the engine trains at when nothing overrides it (the one place trainers read it)."""
-    return engine.config.lr
+    if engine.lr is None:
+        raise ValueError("ZOConfig.lr='auto' needs its search before a trainer runs: call "
+                         "zo2.tuning.search_lr(model.zo_engine, batches, validation) first, or give ZOConfig a number")
+    return engine.lr
 
 
 def follow_model_lr(args: Any, engine: ZOEngine) -> None:

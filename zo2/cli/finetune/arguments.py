@@ -52,6 +52,17 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _lr(text: str) -> float | str:
+    return "auto" if text == "auto" else _positive_float(text)
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got {text}")
+    return value
+
+
 def _label_word(text: str) -> tuple[str, str]:
     label, sep, word = text.partition("=")
     if not sep or not label or not word.strip():
@@ -132,8 +143,16 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     train = parser.add_argument_group("training")
     train.add_argument("--steps", type=_positive_int, default=40, help="training steps (default: %(default)s)")
     train.add_argument("--batch-size", type=_positive_int, default=16, help="examples per step (default: %(default)s)")
-    train.add_argument("--lr", type=_positive_float, default=1e-6, help="learning rate (default: %(default)s)")
-    train.add_argument("--eps", type=_positive_float, default=1e-3, help="perturbation scale (default: %(default)s)")
+    train.add_argument("--lr", type=_lr, default=None, help="learning rate, or auto: a short search before "
+                       "training (docs: guides/learning-rate.md) (default: the method's, e.g. 1e-5 for mezo-sgd; "
+                       "1e-6 for --first-order)")
+    train.add_argument("--lr-search-steps", type=_positive_int, default=10, help="--lr auto: steps each candidate "
+                       "lr trains (default: %(default)s)")
+    train.add_argument("--average-last", type=_fraction, default=0.0, help="after training, also evaluate the "
+                       "mean of the last iterates, this fraction of the steps (e.g. 0.5), replayed from the update "
+                       "log; the checkpoint keeps the last iterate (default: %(default)s, off)")
+    train.add_argument("--eps", type=_positive_float, default=None, help="perturbation scale (default: the "
+                       "method's, 1e-3)")
     train.add_argument("--method", choices=list(METHODS), default="mezo-sgd", help="zeroth-order method "
                        "(docs: guides/methods.md): mezo-sgd, fzoo (N one-sided perturbations, normalised step), sparse-mezo, "
                        "adamezo (Adam-style moments from the update log), meazo (scalar adaptive step) "

@@ -20,6 +20,7 @@ from ...tasks import TaskError
 from .data import load_data
 from .interrupt import RunInterrupted, StopGuard, StopRequested
 from .job import Run
+from .lr import average_if_asked, search_if_asked
 from .model import check_model_folder, load_embedded_model, load_local_model
 from .output_folder import OutputFolder, needed_bytes
 from .report import write_outputs
@@ -60,9 +61,10 @@ def latest_resumable(output_dir: Path) -> Checkpoint | None:
 
 
 def _train_and_evaluate(job: Run, fresh: bool) -> str:
-    """Evaluate (a fresh run), train, evaluate the end; returns the stop reason. Ctrl-C during an
-    evaluation abandons it (``interrupted``)."""
+    """Search the lr (``--lr auto``, once), evaluate (a fresh run), train, evaluate the end; returns the stop
+    reason. Ctrl-C during the search or an evaluation abandons it (``interrupted``)."""
     try:
+        search_if_asked(job)  # first: a search that cannot work fails early; it leaves the start weights exactly
         if fresh:
             job.evaluate()
         reason = job.train() if job.step < job.args.steps else "steps"
@@ -134,7 +136,7 @@ def _run(args: argparse.Namespace, folder: OutputFolder | None, guard: StopGuard
     schedules = {"lr_scheduler": args.lr_scheduler, "eps_scheduler": args.eps_scheduler,
                  "warmup_steps": args.warmup_steps}
     config = ZOConfig(method=args.method, method_options=dict(args.method_options or ()), lr=args.lr, eps=args.eps,
-                      seed=args.seed, noise=args.noise, weight_decay=args.weight_decay,
+                      seed=args.seed, noise=args.noise, weight_decay=args.weight_decay, average_last=args.average_last,
                       num_directions=args.num_directions, max_parts_per_walk=args.max_parts_per_walk,
                       zo2=offload and not args.first_order, offloading_blocks=args.offloading_blocks,
                       working_device=args.working_device, storage_dtype=args.storage_dtype, **schedules,
@@ -166,6 +168,7 @@ def _run(args: argparse.Namespace, folder: OutputFolder | None, guard: StopGuard
     try:
         job.stop_reason = _train_and_evaluate(job, fresh=checkpoint is None)
         saved = job.save_final()
+        average_if_asked(job)
         summary = build_summary(job, time.perf_counter() - started, str(checkpoint.path) if checkpoint else None)
         if job.output is not None:
             with job.writing(job.output / "summary.json"):

@@ -48,6 +48,8 @@ TRAINING_FIELDS = ("method", "method_options", "lr", "eps", "weight_decay", "noi
 """ZOConfig fields a resumed run must share with the checkpoint's engine, compared as resolved (defaults
 filled in), else the steps after the resume would follow other math than those before."""
 _LOWER_IS_BETTER = {"loss", "perplexity"}
+FIRST_ORDER_LR = 1e-6
+"""--first-order's lr when --lr is not given (the zeroth-order methods have their own defaults)."""
 #: Beyond float32's square root, norms and attention scores overflow (see Run.check_weights).
 _LARGEST_HEALTHY_WEIGHT = torch.finfo(torch.float32).max ** 0.5
 
@@ -92,7 +94,8 @@ class Run:
         self.encoder = PromptEncoder(tokenizer, args.max_length, args.truncate)
         self.objective = resolve_objective(args.objective, data)
         """``"classification"`` (cross-entropy over the label words) or ``"lm"`` (the label word's LM loss)."""
-        resolved.update(objective=self.objective, noise=config.noise, num_directions=config.num_directions)
+        resolved.update(objective=self.objective, noise=config.noise, num_directions=config.num_directions,
+                        eps=config.eps)
         self.output = Path(args.output_dir) if args.output_dir else None
         self.metric = data.task.metric
         self.eval_labels = label_counts(data.eval)
@@ -114,12 +117,19 @@ class Run:
         self.best_dir: Path | None = None
         self._best_dir_step = -1
         self.final_dir: Path | None = None
+        self.averaged: int | None = None
+        """``--average-last``: how many iterates the final evaluation averaged (None: the last iterate)."""
+        self.averaged_dir: Path | None = None
         if args.first_order:
             self.model, self.engine = model.to(config.working_device), None
             optimizer = torch.optim.AdamW if args.fo_optimizer == "adamw" else torch.optim.SGD
-            self.optimizer = optimizer(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+            if args.lr == "auto":
+                raise TaskError("--lr auto searches zeroth-order runs only; give --first-order an lr")
+            resolved["lr"] = args.lr or FIRST_ORDER_LR
+            self.optimizer = optimizer(model.parameters(), lr=resolved["lr"], weight_decay=args.weight_decay)
         else:
             self.engine, self.model = ZOEngine(model, config), model
+            resolved["lr"] = self.engine.lr
             logger.debug("units:\n%s", self.engine.describe())
         # transformers < 5.x may not accept a (B, 1) logits_to_keep: then every position is projected.
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the base names it
@@ -156,9 +166,10 @@ class Run:
         with torch.no_grad():
             return self.model(**{k: v.to(self.config.working_device) for k, v in batch.items()}, use_cache=False)
 
-    def evaluate(self) -> None:
+    def evaluate(self, keep_best: bool = True) -> None:
         """Evaluate on the held-out set, record it (with the per-class prediction counts), warn of a
-        collapse onto one class, and keep the best weights once a step beats the start."""
+        collapse onto one class, and keep the best weights once a step beats the start (unless not
+        ``keep_best``: averaged weights are not the checkpoint's)."""
         bar = functools.partial(tqdm, desc=f"eval@{self.step}", unit="batch", leave=False)
         result = evaluate_task(self.data.task.kind, self._forward, self.encoder, self.data.eval,
                                 self.args.eval_batch_size, select_logits=self.select_logits,
@@ -180,7 +191,7 @@ class Run:
             logger.warning("step %d: %d of %d predictions are %r, the true label of %d: the model answers one class "
                            "whatever the input (%s)", self.step, record["predicted"][collapsed], result.size, collapsed,
                            self.eval_labels[collapsed], advice)
-        if _better(self.metric, result[self.metric], self.best and self.best["value"]):
+        if keep_best and _better(self.metric, result[self.metric], self.best and self.best["value"]):
             self.best = {"step": self.step, "value": result[self.metric]}
             if self.step > 0 and self.output is not None and self.args.save_best:
                 self.save_best()
@@ -233,6 +244,8 @@ class Run:
         """Train until ``--steps``, a time budget or Ctrl-C, evaluating and saving on schedule; returns why
         it stopped (see :meth:`_stop`)."""
         args, trained_before = self.args, self.step
+        if self.engine is not None:
+            logger.info("training with lr %g (%s)", self.engine.lr, self.engine.lr_source)
         budget = TimeBudget(args.max_seconds, args.max_run_seconds)
         with logging_redirect_tqdm(), tqdm(total=args.steps, initial=self.step, desc="zo2 finetune", unit="step",
                                            bar_format=BUDGET_BAR_FORMAT if budget.limited else None) as bar:
@@ -275,7 +288,7 @@ class Run:
             largest = float(weight.detach().abs().max())
             if not largest <= _LARGEST_HEALTHY_WEIGHT:
                 kept = f"the last good checkpoint is {self.latest}" if self.latest else "no checkpoint was saved"
-                lr = (self.engine.config if self.engine is not None else self.config).lr  # as resolved
+                lr = self.resolved["lr"]
                 raise FloatingPointError(f"after step {self.step} weight {name} reaches {largest:.3g}: training has "
                                          f"diverged, nothing of this step is saved ({kept}); lower --lr (now {lr})")
 
@@ -353,7 +366,8 @@ class Run:
         """The folders this run's weights are in, relative to ``--output-dir`` (None without one)."""
         if self.output is None:
             return None
-        relative = {"checkpoint": self.latest, "best": self.best_dir, "final": self.final_dir}
+        relative = {"checkpoint": self.latest, "best": self.best_dir, "final": self.final_dir,
+                    **({"averaged": self.averaged_dir} if self.averaged_dir else {})}
         return {k: str(p.relative_to(self.output)) if p is not None else None for k, p in relative.items()}
 
     def _changed_settings(self, checkpoint: Checkpoint) -> dict[str, tuple[Any, Any]]:

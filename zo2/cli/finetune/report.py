@@ -61,7 +61,7 @@ def format_summary(summary: dict) -> str:
         f"({summary['train_examples']} train / {summary['eval_examples']} eval examples)",
         f"  {metric} before: {before:.2f}{unit}   after: {after:.2f}{unit}   ({after - before:+.2f})"
         f"   best: {scale * best['value']:.2f}{unit} at step {best['step']}",
-        f"  steps: {summary['steps']} x batch {settings['batch-size']}, lr {settings['lr']:g}"
+        f"  steps: {summary['steps']} x batch {settings['batch-size']}, lr {settings['lr']:g} ({summary['learning_rate']['source']})"
         + ("" if summary["mode"] == "first-order" else f", eps {settings['eps']:g}") + timing + stopped,
     ]
     first, last = summary["evals"][0], summary["evals"][-1]

@@ -18,7 +18,7 @@ from .model import EMBEDDED_MODEL
 
 _NEVER_RECORDED = {"handler", "command", "config", "log_level", "resume", "overwrite", "output_dir"}
 _ZO_ONLY = {"eps", "noise", "num_directions", "offload", "offloading_blocks", "storage_dtype", "method",
-            "method_options", "max_parts_per_walk", "eps_scheduler"}
+            "method_options", "max_parts_per_walk", "eps_scheduler", "lr_search_steps", "average_last"}
 _COLUMN_TASK_ONLY = {"template", "label_words", "label_column", "drop_unknown_labels"}
 
 
@@ -93,4 +93,7 @@ def build_summary(run: Run, total_seconds: float, resumed_from: str | None) -> d
         "peak_memory_mib": _peak_memory_mib(run.config.working_device),
         "resumed_from": resumed_from, "outputs": run.outputs(),
         "history": run.history,
+        "learning_rate": run.engine.learning_rate.to_json() if run.engine is not None else {
+            "value": run.resolved["lr"], "source": "given" if args.lr else "first-order default", "search": []},
+        "averaged_last": run.averaged,
     }

@@ -141,8 +141,11 @@ def check_training_arguments(args: Any) -> None:
 def _check_zo_config(config: ZOConfig, args: Any) -> None:
     """Refuse the parallel modes a trainer cannot drive; say that ``ZOConfig.lr`` gives way to Trainer's."""
     _check_parallel(config)
-    default_lr = ZOConfig.__dataclass_fields__["lr"].default
-    if config.lr not in (default_lr, args.learning_rate):
+    if config.lr == "auto":
+        raise ValueError("ZOConfig(lr='auto') with ZOTrainer(zo_config=...): the trainer's lr is "
+                         "TrainingArguments.learning_rate; give it a number (or model.zo_init and "
+                         "zo2.tuning.search_lr before the trainer)")
+    if config.lr is not None and config.lr != args.learning_rate:
         logger.warning("ZOConfig.lr=%g is ignored: the trainer's lr is TrainingArguments.learning_rate=%g "
                        "(with its schedule)", config.lr, args.learning_rate)
 

@@ -1,0 +1,123 @@
+"""lr="auto": the search returns the engine to its start exactly, the training after it is bit for bit the
+run the picked lr makes directly, and the search stops, resumes and fails cleanly."""
+import pytest
+import torch
+from dist_worker import launch, results_of, search_and_train
+from tiny import make_batch, make_model, masters
+
+from zo2 import ZOConfig, ZOEngine
+from zo2.methods import DEFAULTS, METHODS
+from zo2.tuning import LRSearchError, LRSearchInterrupted, carve_validation, search_lr
+
+TRAIN = [make_batch(batch=4, length=8, seed=s) for s in range(3)]
+VALIDATION = [make_batch(batch=4, length=8, seed=10 + s) for s in range(2)]
+FACTORS = (0.3, 1.0, 30.0)
+
+
+def _batches(step: int) -> dict:
+    return TRAIN[step % len(TRAIN)]
+
+
+def _engine(lr, model=None, **config) -> ZOEngine:
+    config = {"working_device": "cpu", "seed": 3, "zo2": False, **config}
+    return ZOEngine(model if model is not None else make_model("opt"), ZOConfig(lr=lr, **config))
+
+
+def _train(engine: ZOEngine, steps: int = 3) -> torch.Tensor:
+    for step in range(steps):
+        engine.step(_batches(step))
+    return masters(engine)
+
+
+@pytest.mark.parametrize("method, zo2", [(m, True) for m in sorted(METHODS)] + [("mezo-sgd", False)])
+def test_the_run_after_the_search_is_bitwise_the_direct_run_at_the_pick(method, zo2):
+    engine = _engine("auto", method=method, zo2=zo2)
+    start = masters(engine)
+    result = search_lr(engine, _batches, VALIDATION, steps=2, factors=FACTORS)
+    assert masters(engine).equal(start) and engine.step_count == 0  # exact restart
+    assert (engine.lr, engine.lr_source) == (result.lr, "auto search")
+    assert [row["lr"] for row in result.table] == [DEFAULTS[method].lr * f for f in FACTORS]
+    searched = _train(engine)
+    direct = _train(_engine(result.lr, method=method, zo2=zo2))
+    assert not searched.equal(start)
+    assert searched.equal(direct)
+
+
+def test_the_search_restores_lora_adapters_exactly():
+    peft = pytest.importorskip("peft")
+
+    def lora():
+        return peft.get_peft_model(make_model("llama", num_hidden_layers=2),
+                                   peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    engine = _engine("auto", model=lora(), zo2=True)
+    start = masters(engine)
+    result = search_lr(engine, _batches, VALIDATION, steps=2, factors=(1.0, 1000.0))
+    assert masters(engine).equal(start)
+    assert _train(engine).equal(_train(_engine(result.lr, model=lora(), zo2=True)))
+
+
+def test_the_pick_is_the_lowest_validation_loss_and_the_table_is_complete():
+    engine = _engine("auto")
+    result = search_lr(engine, _batches, VALIDATION, steps=2, factors=FACTORS)
+    best = min(result.table, key=lambda row: row["score"])
+    assert result.lr == (best["lr"] if best["score"] < result.start_score else min(r["lr"] for r in result.table))
+    assert all(set(row) == {"lr", "steps", "score", "seconds", "forward_passes"} for row in result.table)
+    assert all(row["forward_passes"] == 2 * 2 + len(VALIDATION) for row in result.table)
+    assert "picked" in result.describe()
+    assert result.forward_passes == sum(row["forward_passes"] for row in result.table) + len(VALIDATION)
+    assert result.seconds >= sum(row["seconds"] for row in result.table)
+
+
+def test_a_stop_request_restores_the_start_and_leaves_the_lr_unsearched():
+    engine = _engine("auto")
+    start, calls = masters(engine), []
+
+    def stop() -> bool:
+        calls.append(1)
+        return len(calls) > 3  # inside the second candidate
+    with pytest.raises(LRSearchInterrupted):
+        search_lr(engine, _batches, VALIDATION, steps=2, factors=FACTORS, should_stop=stop)
+    assert masters(engine).equal(start) and engine.step_count == 0 and engine.lr is None
+
+
+def test_a_searched_lr_survives_the_engine_state_so_a_resume_does_not_search_again():
+    engine = _engine("auto")
+    result = search_lr(engine, _batches, VALIDATION, steps=1, factors=FACTORS)
+    _train(engine, 2)
+    resumed = _engine("auto")
+    resumed.load_state_dict(engine.state_dict())
+    assert (resumed.lr, resumed.lr_source) == (result.lr, "auto search")
+    assert resumed.learning_rate.search == result.table
+
+
+def test_a_budget_that_cannot_fit_one_candidate_is_a_clear_error():
+    with pytest.raises(LRSearchError, match="cannot fit one search candidate"):
+        search_lr(_engine("auto"), _batches, VALIDATION, steps=2, factors=FACTORS, max_seconds=1e-9)
+
+
+def test_disk_offload_is_refused_with_the_way_around(tmp_path):
+    engine = _engine("auto", zo2=True, offloading_device="disk", offload_dir=str(tmp_path))
+    with pytest.raises(NotImplementedError, match="pass the pick as ZOConfig.lr"):
+        search_lr(engine, _batches, VALIDATION, steps=1)
+
+
+def test_the_validation_slice_is_carved_from_training_data_disjointly():
+    examples = list(range(100))
+    pool, validation = carve_validation(examples, 10, seed=0, keep=16)
+    assert len(validation) == 10 and sorted(pool + validation) == examples and not set(pool) & set(validation)
+    assert carve_validation(examples, 10, seed=0, keep=16) == (pool, validation)
+    with pytest.raises(LRSearchError, match="--train-examples"):
+        carve_validation(list(range(20)), 10, seed=0, keep=16)
+    with pytest.raises(LRSearchError, match="at least 8"):
+        carve_validation(examples, 4, seed=0)
+
+
+@pytest.mark.parametrize("config", [{}, {"perturbation_parallel": 2}])
+def test_every_rank_picks_the_same_lr_and_trains_as_one_process(config):
+    ranks = results_of(launch(search_and_train, 2, config, 2), 2)
+    alone = search_and_train({}, 2)  # one process, full batches
+    assert ranks[0]["lr"] == ranks[1]["lr"] == alone["lr"] == 1e-3  # an inner candidate, not the fallback
+    assert ranks[0]["scores"] == ranks[1]["scores"]
+    assert ranks[0]["scores"] == pytest.approx(alone["scores"], rel=1e-12)
+    assert torch.equal(ranks[0]["masters"], ranks[1]["masters"])
+    torch.testing.assert_close(ranks[0]["masters"], alone["masters"], rtol=0, atol=1e-12)

@@ -1,0 +1,16 @@
+"""Tuning a run without touching its model code: the learning-rate search (``lr="auto"``), the exact
+return to the starting weights it relies on, and iterate averaging replayed from the update log.
+
+:func:`search_lr` picks a learning rate from a log grid around the method's default
+(:data:`zo2.methods.DEFAULTS`) by training a few steps per candidate from the same starting weights
+and scoring each on a validation slice; :func:`average_iterates` turns the last iterate into the mean
+of the last iterates. Both use the update log instead of a second copy of the model.
+"""
+from __future__ import annotations
+
+from .averaging import average_iterates, averaging_updates
+from .lr_search import GRID, LRSearch, LRSearchError, LRSearchInterrupted, carve_validation, search_lr
+from .snapshot import StartSnapshot
+
+__all__ = ["GRID", "LRSearch", "LRSearchError", "LRSearchInterrupted", "StartSnapshot", "average_iterates",
+           "averaging_updates", "carve_validation", "search_lr"]
