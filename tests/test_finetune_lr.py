@@ -28,9 +28,9 @@ def _summary(out: Path) -> dict:
 
 def test_without_lr_the_method_default_is_used_and_reported(model_dir, data_file, tmp_path, capsys):
     args = [a for a in finetune_args(model_dir, data_file, "--method", "fzoo", "--steps", "1", "--output-dir",
-                                     str(tmp_path)) if a not in ("--lr", "1e-3")]
+                                     str(tmp_path / "out")) if a not in ("--lr", "1e-3")]
     assert cli.main(args) == 0
-    summary = _summary(tmp_path)
+    summary = _summary(tmp_path / "out")
     assert summary["learning_rate"] == {"value": DEFAULTS["fzoo"].lr, "source": "default of fzoo", "search": []}
     assert summary["settings"]["lr"] == DEFAULTS["fzoo"].lr and summary["history"][0]["step"] == 1
     assert "(default of fzoo)" in capsys.readouterr().out
@@ -55,13 +55,14 @@ def test_lr_auto_trains_bitwise_as_the_picked_lr_and_records_its_table(model_dir
 
 
 def test_a_resume_after_the_search_does_not_search_again(model_dir, data_file, tmp_path, caplog):
-    assert cli.main(finetune_args(model_dir, data_file, *AUTO, "--steps", "1", "--output-dir", str(tmp_path))) == 0
-    first = _summary(tmp_path)["learning_rate"]
+    out = tmp_path / "out"
+    assert cli.main(finetune_args(model_dir, data_file, *AUTO, "--steps", "1", "--output-dir", str(out))) == 0
+    first = _summary(out)["learning_rate"]
     caplog.clear()
-    assert cli.main(finetune_args(model_dir, data_file, *AUTO, "--steps", "2", "--output-dir", str(tmp_path),
+    assert cli.main(finetune_args(model_dir, data_file, *AUTO, "--steps", "2", "--output-dir", str(out),
                                   "--resume")) == 0
     assert "--lr auto: searching" not in caplog.text
-    assert _summary(tmp_path)["learning_rate"] == first and _summary(tmp_path)["steps"] == 2
+    assert _summary(out)["learning_rate"] == first and _summary(out)["steps"] == 2
 
 
 def test_averaging_a_method_it_cannot_replay_is_refused_before_training(model_dir, data_file, capsys):
@@ -79,7 +80,7 @@ def test_too_little_training_data_for_a_validation_slice_is_a_clear_error(model_
 
 def test_ctrl_c_during_the_search_stops_cleanly_with_nothing_trained(model_dir, data_file, tmp_path):
     argv = finetune_args(model_dir, data_file, "--lr", "auto", "--lr-search-steps", "100000", "--output-dir",
-                         str(tmp_path))
+                         str(tmp_path / "out"))
     log = tmp_path / "stderr.txt"
     with open(log, "w") as stderr:
         process = subprocess.Popen([sys.executable, "-m", "zo2", *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -97,7 +98,7 @@ def test_ctrl_c_during_the_search_stops_cleanly_with_nothing_trained(model_dir, 
             process.wait()
     err = log.read_text()
     assert "Traceback" not in err and err.strip().splitlines()[-1].endswith("nothing trained, nothing saved")
-    assert not (tmp_path / "checkpoints").exists()
+    assert not (tmp_path / "out" / "checkpoints").exists()
 
 
 def test_average_last_evaluates_the_averaged_iterates_and_keeps_the_last_in_the_checkpoint(model_dir, data_file,
