@@ -154,9 +154,14 @@ def test_the_backend_holds_its_staging_buffers_and_nothing_more(tmp_path, layers
         assert all(p.untyped_storage().nbytes() == p.element_size() for p in unit.params)
 
 
-def test_missing_or_full_folder_is_refused_before_anything_is_written(tmp_path):
-    with pytest.raises(DiskOffloadError, match="does not exist: create it"):
-        ZOEngine(make_model("llama"), _config(offloading_device="disk", offload_dir=str(tmp_path / "nope")))
+def test_missing_folder_is_made_and_one_that_cannot_be_is_refused_before_anything_is_written(tmp_path):
+    ZOEngine(make_model("llama"), _config(offloading_device="disk", offload_dir=str(tmp_path / "new" / "offload")))
+    assert (tmp_path / "new" / "offload" / "store.json").is_file()
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(DiskOffloadError, match="does not exist and cannot be created"):
+        ZOEngine(make_model("llama"), _config(offloading_device="disk", offload_dir=str(tmp_path / "a-file" / "sub")))
+    shutil.rmtree(tmp_path / "new")
+    (tmp_path / "a-file").unlink()
     free = shutil.disk_usage(tmp_path).free
     with pytest.raises(DiskOffloadError, match="GB free, disk offload needs"):
         check_folder(tmp_path, 2 * free + 1)

@@ -5,8 +5,19 @@
     store.json               what it holds: every stored unit (name, dtype, size) and the run's noise settings
     journal.jsonl            the update log, one step per line (:class:`zo2.offload.disk.journal.Journal`)
     unit-00003-master.zo2    one file per stored buffer: a 4 KiB header (JSON: unit, buffer, dtype, numel,
-                             applied steps), then the data, padded to a multiple of 4 KiB
+                             applied steps, crc32 of the data), then the data, padded to a multiple of 4 KiB
+    base.json                digests of the units kept outside the folder (:mod:`zo2.loading`)
     lock                     held (``flock``) by the one process using the folder
+
+Ownership: ``store.json`` is written first and is the folder's marker (it names the run: a random id, the
+host and process that created it). zo2 refuses a folder holding files it did not write, refuses to start
+over in a folder whose journal holds trained steps unless told to resume, and deletes only the names above
+(:func:`clear_folder`). The lock is an OS lock (``flock``): the kernel releases it when the process dies,
+so a crashed run never leaves the folder locked.
+
+Integrity: every unit file's header holds the crc32 of its data, checked on every read; a damaged
+``store.json`` or journal, a unit whose checksum does not match or a unit file that disappeared stops
+the run with a :class:`DiskOffloadError` naming the file (docs/guides/disk-offload.md#damage-and-recovery).
 
 A file is keyed by (unit index, buffer name): a unit's trainable master is ``"master"``; a unit may
 store other buffers beside it (e.g. an upload-only frozen part, written once and never written back).
@@ -25,12 +36,16 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import fnmatch
 import json
 import logging
 import os
 import shutil
+import socket
 import threading
+import uuid
 import weakref
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +58,7 @@ from ...config import ZOConfig
 from ...persist.durable import replace_file, write_json
 from ...units.storage import Unit, build_unit
 from ...updates import noise
-from ...updates.log import UpdateLog
+from ...updates.log import HistoryError, UpdateLog
 from .aligned import ALIGN, aligned_empty, padded, typed
 from .journal import Journal
 
@@ -52,10 +67,16 @@ logger = logging.getLogger(__name__)
 HEADER_BYTES = ALIGN
 _MAGIC = b"ZO2UNIT1"
 _FORMAT = "zo2-offload"
-_VERSION = 1
+_VERSION = 2  # 2: unit headers carry the crc32 of their data
 MASTER = "master"
 """Buffer name of a unit's trainable master weights."""
 _SPACE_ERRORS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+_STORE = "store.json"
+_JOURNAL = "journal.jsonl"
+#: Every name zo2 writes in an offload folder (temporary files of durable writes included): all it deletes.
+_OWNED = (_STORE, _JOURNAL, "base.json", "lock", "unit-*.zo2", "unit-*.tmp", f".{_STORE}.*.tmp",
+          f".{_JOURNAL}.*.tmp", ".base.json.*.tmp", ".zo2-probe-*", ".zo2-direct-*")
+_RECOVERY = "see docs/guides/disk-offload.md#damage-and-recovery"
 
 
 class DiskOffloadError(RuntimeError):
@@ -91,13 +112,15 @@ class StoredBuffer:
 
 
 def check_folder(directory: str | os.PathLike, needed_bytes: int) -> Path:
-    """Check, before anything is written, that ``directory`` exists, is writable and has room for
-    ``needed_bytes``; raise :class:`DiskOffloadError` saying what to fix otherwise."""
+    """Check, before anything is written, that ``directory`` exists (it is made when missing), is
+    writable and has room for ``needed_bytes``; raise :class:`DiskOffloadError` saying what to fix otherwise."""
     path = Path(directory)
-    if not path.exists():
-        raise DiskOffloadError(f"ZOConfig.offload_dir={str(directory)!r} does not exist: create it (mkdir -p) on a "
-                               f"fast local disk with at least {needed_bytes / 1e9:.2f} GB free, or point "
-                               "offload_dir at an existing folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DiskOffloadError(f"ZOConfig.offload_dir={str(directory)!r} does not exist and cannot be created "
+                               f"({err}): create it (mkdir -p) on a fast local disk with at least "
+                               f"{needed_bytes / 1e9:.2f} GB free, or point offload_dir at an existing folder") from None
     if not path.is_dir():
         raise DiskOffloadError(f"ZOConfig.offload_dir={str(directory)!r} is not a folder")
     probe = path / f".zo2-probe-{os.getpid()}"
@@ -114,6 +137,60 @@ def check_folder(directory: str | os.PathLike, needed_bytes: int) -> Path:
                                f"needs {needed_bytes / 1e9:.2f} GB (every offloaded block, plus room to rewrite the "
                                "largest one): free some space or choose another folder")
     return path
+
+
+def _owned(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in _OWNED)
+
+
+def foreign_files(directory: str | os.PathLike) -> list[str]:
+    """The names in ``directory`` that zo2's disk offload did not write (sorted)."""
+    path = Path(directory)
+    return sorted(entry.name for entry in path.iterdir() if not _owned(entry.name)) if path.is_dir() else []
+
+
+def _refuse_foreign(directory: Path) -> None:
+    foreign = foreign_files(directory)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise DiskOffloadError(f"ZOConfig.offload_dir={str(directory)!r} holds files zo2 did not write ({shown}): "
+                               "disk offload needs a folder of its own and never touches other files; point "
+                               f"offload_dir at an empty or new folder (e.g. {str(directory / 'zo2-offload')!r})")
+
+
+def clear_folder(directory: str | os.PathLike) -> None:
+    """Delete what zo2's disk offload wrote in ``directory`` (its unit files, store.json, journal, lock),
+    and nothing else: the way to start over in a folder that holds a run. Refused while an engine uses it."""
+    path = Path(directory)
+    lock = _lock(path)
+    try:
+        _delete_owned(path)
+    finally:
+        os.close(lock)
+
+
+def _delete_owned(directory: Path) -> None:
+    """Delete the files zo2 wrote in ``directory`` except the lock (never a file it did not write)."""
+    for entry in directory.iterdir():
+        if _owned(entry.name) and entry.name != "lock" and entry.is_file():
+            entry.unlink()
+
+
+def _lock(directory: Path) -> int:
+    """Take the folder's OS lock (``flock``; the kernel drops it when the process dies); its descriptor."""
+    fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DiskOffloadError(f"ZOConfig.offload_dir={str(directory)!r} is in use by another zo2 engine: "
+                               "give every engine (and every process) its own offload folder") from None
+    return fd
+
+
+def _checksum(data: memoryview) -> int:
+    """crc32 of a unit's data (zlib's, about 3 GB/s a core and run without the GIL: the I/O thread's cost)."""
+    return zlib.crc32(data)
 
 
 def _direct_io_works(directory: Path) -> bool:
@@ -148,8 +225,9 @@ class DiskStore:
         largest = max((padded(b.nbytes) for b in buffers), default=0)
         needed = sum(HEADER_BYTES + padded(b.nbytes) for b in buffers) + HEADER_BYTES + largest
         self.directory = check_folder(directory, needed - (self._existing_bytes(directory) if resume else 0))
-        self._lock = self._take_lock()
+        self._lock = _lock(self.directory)
         self._closer = weakref.finalize(self, os.close, self._lock)  # a collected store frees its folder
+        _refuse_foreign(self.directory)
         self._io_lock = threading.Lock()  # the I/O thread and the main thread (read_tensor) share the header
         self.direct = _direct_io_works(self.directory) if direct is None else direct
         if direct and not _direct_io_works(self.directory):
@@ -160,12 +238,12 @@ class DiskStore:
                        "buffers": [b.describe() for b in buffers]}
         self.base_steps = description["base_steps"]
         """Steps the weights the units were built from already held (a checkpoint saved after training)."""
-        self.resumed = resume and self._matches(description)
-        if not self.resumed:
-            self._clear()
-            self.write_json("store.json", description)
-        self.journal = Journal(self.directory / "journal.jsonl", updates_per_step, run.get("generator", 0),
-                               resume=self.resumed)
+        self.resumed = self._open_run(description, resume)
+        try:
+            self.journal = Journal(self.directory / _JOURNAL, updates_per_step, run.get("generator", 0),
+                                   resume=self.resumed)
+        except HistoryError as err:
+            raise DiskOffloadError(f"{err}; {_RECOVERY}") from None
         self._header = aligned_empty(HEADER_BYTES)
         self._applied: dict[tuple[int, str], int] = {}
         """Steps each file holds, for the files that exist."""
@@ -182,31 +260,62 @@ class DiskStore:
         path = Path(directory)
         return sum(f.stat().st_size for f in path.glob("unit-*.zo2")) if path.is_dir() else 0
 
-    def _take_lock(self) -> int:
-        fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise DiskOffloadError(f"ZOConfig.offload_dir={str(self.directory)!r} is in use by another zo2 engine: "
-                                   "give every engine (and every process) its own offload folder") from None
-        return fd
+    def _open_run(self, description: dict, resume: bool) -> bool:
+        """Whether the folder's run is continued (``resume`` and it is this run); else start afresh, which is
+        refused when the folder holds trained steps or a damaged store.json (nothing is deleted then)."""
+        saved = self._saved()
+        if saved is not None and resume:
+            self._check_same_run(saved, description)
+            return True
+        if saved is not None and self._trained_steps(saved) > 0:
+            raise DiskOffloadError(f"ZOConfig.offload_dir={str(self.directory)!r} holds a run with "
+                                   f"{self._trained_steps(saved)} trained steps: pass resume=True to continue it "
+                                   "(zo2.loading.from_pretrained(..., resume=True)), or start over in another folder "
+                                   "or after zo2.offload.disk.store.clear_folder(offload_dir) deletes its files")
+        _delete_owned(self.directory)
+        owner = {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
+        self.write_json(_STORE, {**description, "owner": owner})
+        return False
 
-    def _matches(self, description: dict) -> bool:
+    def _saved(self) -> dict | None:
+        """The folder's store.json (None when the folder holds no run); a damaged one is an error."""
+        path = self.directory / _STORE
         try:
-            saved = json.loads((self.directory / "store.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return False
-        if saved != json.loads(json.dumps(description)):
+            saved = json.loads(path.read_text())
+            if not isinstance(saved, dict) or saved.get("format") != _FORMAT:
+                raise ValueError("not a zo2 offload description")
+            return saved
+        except FileNotFoundError:
+            leftovers = [p.name for p in self.directory.glob("unit-*.zo2")] + \
+                [_JOURNAL] * (self.directory / _JOURNAL).exists()
+            if not leftovers:
+                return None
+            raise DiskOffloadError(f"{path} is missing but the folder holds {', '.join(sorted(leftovers)[:3])}: "
+                                   f"the run's description was deleted; {_RECOVERY}") from None
+        except (ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError
+            raise DiskOffloadError(f"{path} is damaged ({err}): the folder's unit files cannot be trusted without "
+                                   "it, and zo2 will not start over on top of them. Resume from your newest checkpoint "
+                                   "with a fresh offload_dir, or delete the folder's files with "
+                                   f"zo2.offload.disk.store.clear_folder; {_RECOVERY}") from None
+
+    def _check_same_run(self, saved: dict, description: dict) -> None:
+        if saved.get("version") != _VERSION:
+            raise DiskOffloadError(f"{self.directory / _STORE} was written by another zo2 version (offload format "
+                                   f"{saved.get('version')}, this one reads {_VERSION}): resume from a checkpoint "
+                                   "with a fresh offload_dir")
+        if {k: v for k, v in saved.items() if k != "owner"} != json.loads(json.dumps(description)):
             raise DiskOffloadError(f"{self.directory} holds another run's masters (store.json differs: other units, "
-                                   "dtype or noise settings); resume with the run's own config, or use resume=False "
-                                   "(or another folder) to start over")
-        return True
+                                   "dtype or noise settings); resume with the run's own config, or use another "
+                                   "folder to start over")
 
-    def _clear(self) -> None:
-        for pattern in ("unit-*.zo2", "unit-*.tmp", "journal.jsonl", "*.json"):
-            for stale in self.directory.glob(pattern):
-                stale.unlink()
+    def _trained_steps(self, saved: dict) -> int:
+        """Steps the journal holds beyond the base (lines after the header): what starting over would lose."""
+        try:
+            lines = (self.directory / _JOURNAL).read_bytes().count(b"\n")
+        except FileNotFoundError:
+            return 0
+        return max(0, lines - 1 - int(saved.get("base_steps", 0)))
+
 
     def read_json(self, name: str) -> Any:
         """A JSON file of the folder (None if missing)."""
@@ -239,16 +348,21 @@ class DiskStore:
         if not self.direct and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
-    def _header_for(self, key: tuple[int, str], applied: int) -> dict:
+    def _header_for(self, key: tuple[int, str], applied: int, crc32: int | None) -> dict:
         stored = self.buffers[key]
         return {"unit": stored.unit, "buffer": stored.name, "name": stored.unit_name,
-                "dtype": str(stored.dtype).replace("torch.", ""), "numel": stored.numel, "applied": applied}
+                "dtype": str(stored.dtype).replace("torch.", ""), "numel": stored.numel, "applied": applied,
+                "crc32": crc32}
 
     def _parse_header(self, path: Path, raw: memoryview) -> dict:
         if bytes(raw[:len(_MAGIC)]) != _MAGIC:
-            raise DiskOffloadError(f"{path}: not a zo2 offload file (bad magic): the folder was modified outside zo2")
+            raise DiskOffloadError(f"{path}: not a zo2 offload file (bad magic): the file is damaged or was modified "
+                                   f"outside zo2; {_RECOVERY}")
         text = bytes(raw[len(_MAGIC):]).rstrip(b"\0")
-        return json.loads(text)
+        try:
+            return json.loads(text)
+        except (ValueError, UnicodeDecodeError):
+            raise DiskOffloadError(f"{path}: its header is damaged (not valid JSON); {_RECOVERY}") from None
 
     def read(self, unit: int, buffer: torch.Tensor, expected: int | None = None, name: str = MASTER) -> None:
         """Fill ``buffer`` (uint8, aligned, at least ``padded`` bytes) with the stored data; check that the
@@ -260,7 +374,11 @@ class DiskStore:
         key, path = (unit, name), self.path(unit, name)
         stored = self.buffers[key]
         size = padded(stored.nbytes)
-        fd = self._open(path, os.O_RDONLY)
+        try:
+            fd = self._open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise DiskOffloadError(f"{path} (unit {stored.unit_name}) is missing: it was deleted while the run used "
+                                   f"the folder, and the unit's weights exist nowhere else; {_RECOVERY}") from None
         try:
             if not self.direct and hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger read-ahead window
@@ -278,6 +396,10 @@ class DiskStore:
                                    "the folder was modified outside this engine, or a state was loaded with "
                                    "weights_updated=True into an engine whose weights do not hold it (build it with "
                                    "zo2.loading.from_checkpoint instead)")
+        if _checksum(_raw(buffer[:stored.nbytes])) != header.get("crc32"):
+            raise DiskOffloadError(f"{path} (unit {stored.unit_name}) is damaged: its data does not match the crc32 "
+                                   "in its header (a disk error, or the file was changed outside zo2); its weights "
+                                   f"cannot be trusted. {_RECOVERY}")
         self.bytes_read += stored.nbytes
 
     def write(self, unit: int, buffer: torch.Tensor, applied: int, steps: Sequence[Sequence] = (),
@@ -292,7 +414,8 @@ class DiskStore:
         key, path = (unit, name), self.path(unit, name)
         stored = self.buffers[key]
         self.journal.extend(steps)
-        header = json.dumps(self._header_for(key, applied)).encode()
+        crc32 = _checksum(_raw(buffer[:stored.nbytes]))
+        header = json.dumps(self._header_for(key, applied, crc32)).encode()
         self._header.zero_()
         _raw(self._header)[:len(_MAGIC) + len(header)] = _MAGIC + header
         tmp = path.with_suffix(".tmp")
@@ -336,7 +459,7 @@ class DiskStore:
             except FileNotFoundError:
                 continue
             header = self._parse_header(path, memoryview(raw))
-            if header != self._header_for(key, header.get("applied", -1)):
+            if header != self._header_for(key, header.get("applied", -1), header.get("crc32")):
                 raise DiskOffloadError(f"{path}: its header {header} does not match store.json")
             if header["applied"] > self.journal.steps:
                 raise DiskOffloadError(f"{path} holds {header['applied']} steps but the journal only "
