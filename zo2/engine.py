@@ -28,6 +28,7 @@ from .objectives import Objective, as_objective
 from .offload.disk.store import DiskStore
 from .offload.placement import WeightSource, place
 from .offload.residency import Residency
+from .persist.fingerprint import model_fingerprint
 from .result import StepResult
 from .units.partition import UnsupportedModelError, find_partition
 from .units.storage import Unit
@@ -73,6 +74,10 @@ class ZOEngine:
         self.method = method_class(config.method)(config, self.log)
         self.role.check(self.method.parts(self.seeds(0)), config.num_directions)
         self._stats: torch.Tensor | None = None  # [parts, 2] sums of the micro-batches of the current step
+        self.base_fingerprint = weights.fingerprint if weights is not None else \
+            model_fingerprint(model, config.torch_storage_dtype)
+        """The fingerprint of the weights the run started from (:mod:`zo2.persist.fingerprint`; None: unknown),
+        written into seed logs so that ``zo2 replay`` can check its base."""
         partition = find_partition(model, dict(probe_inputs) if probe_inputs is not None else None)
         if config.perturbation_scope == "module" and not partition.matrices_read_by_owner:
             raise UnsupportedModelError(
@@ -180,7 +185,7 @@ class ZOEngine:
         """JSON-serialisable training state: the step count, the config, the method's own state and
         (unless ``include_log=False``, for checkpoints that keep the log in their seed log) the update log."""
         state = {"step_count": self.step_count, "config": self.config.to_dict(),
-                 "method_state": self.method.state_dict()}
+                 "method_state": self.method.state_dict(), "base_fingerprint": self.base_fingerprint}
         if include_log:
             state["log"] = self.log.to_json()
         return state
@@ -207,6 +212,8 @@ class ZOEngine:
         self.log.set_applied_everywhere([u.index for u in self.trainable_units],
                                         self.log.steps if weights_updated else 0)
         self.method.load_state_dict(state.get("method_state", {}))
+        if "base_fingerprint" in state or (weights_updated and loaded.steps):  # else the weights are the base
+            self.base_fingerprint = state.get("base_fingerprint")
         self._stats = None
 
     # --------------------------------------------------------------------------- the plain model

@@ -41,6 +41,7 @@ from .engine import ZOEngine
 from .offload.disk.store import DiskOffloadError
 from .offload.placement import WeightSource
 from .persist import compat
+from .persist.fingerprint import fingerprint, positions
 from .persist.shards import CheckpointReader, ShardError, save_sharded
 from .units.storage import Unit
 from .updates.log import UpdateLog
@@ -152,7 +153,9 @@ def from_pretrained(directory: str | os.PathLike, config: ZOConfig, *, model_cla
     (:func:`from_checkpoint` passes it)."""
     model, fill, reader = stream_model(directory, model_class=model_class, dtype=dtype)
     try:
-        engine = ZOEngine(model, config, role=role, weights=WeightSource(fill, resume=resume, base=base))
+        source = WeightSource(fill, resume=resume, base=base,
+                              fingerprint=_fingerprint(model, reader, config.torch_storage_dtype))
+        engine = ZOEngine(model, config, role=role, weights=source)
     finally:
         reader.close()
     logger.info("zo2 streamed %.2f GB from %s", reader.bytes_read / 1e9, directory)
@@ -161,6 +164,21 @@ def from_pretrained(directory: str | os.PathLike, config: ZOConfig, *, model_cla
         if engine.store.resumed:
             _resume(engine)
     return engine
+
+
+def _fingerprint(model: nn.Module, reader: CheckpointReader, dtype: torch.dtype | None) -> dict[str, Any]:
+    """The fingerprint of the checkpoint's weights as the model loads them (the parameters hold stand-ins):
+    each sample read from the file, cast to the parameter's dtype, then to ``dtype`` (the storage dtype)."""
+    names = compat.checkpoint_names(model, reader.entries)
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    samples = []
+    for name, param in model.named_parameters():
+        key = next(names[n] for n in groups[id(param)] if n in names)
+        values = reader.sample(key, positions(param.numel())).to(param.dtype)
+        samples.append((name, tuple(param.shape), values.to(dtype or values.dtype)))
+    return fingerprint(samples)
 
 
 def from_checkpoint(directory: str | os.PathLike, config: ZOConfig, *, model_class: Any = None,

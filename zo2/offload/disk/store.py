@@ -238,7 +238,7 @@ class DiskStore:
                        "buffers": [b.describe() for b in buffers]}
         self.base_steps = description["base_steps"]
         """Steps the weights the units were built from already held (a checkpoint saved after training)."""
-        self.resumed = self._open_run(description, resume)
+        self.resumed = self._open_run(description, resume, base)
         try:
             self.journal = Journal(self.directory / _JOURNAL, updates_per_step, run.get("generator", 0),
                                    resume=self.resumed)
@@ -260,16 +260,17 @@ class DiskStore:
         path = Path(directory)
         return sum(f.stat().st_size for f in path.glob("unit-*.zo2")) if path.is_dir() else 0
 
-    def _open_run(self, description: dict, resume: bool) -> bool:
+    def _open_run(self, description: dict, resume: bool, base: UpdateLog | None) -> bool:
         """Whether the folder's run is continued (``resume`` and it is this run); else start afresh, which is
         refused when the folder holds trained steps or a damaged store.json (nothing is deleted then)."""
         saved = self._saved()
         if saved is not None and resume:
             self._check_same_run(saved, description)
             return True
-        if saved is not None and self._trained_steps(saved) > 0:
+        lost = self._trained_steps(saved, base) if saved is not None else 0
+        if lost:
             raise DiskOffloadError(f"ZOConfig.offload_dir={str(self.directory)!r} holds a run with "
-                                   f"{self._trained_steps(saved)} trained steps: pass resume=True to continue it "
+                                   f"{lost} trained steps: pass resume=True to continue it "
                                    "(zo2.loading.from_pretrained(..., resume=True)), or start over in another folder "
                                    "or after zo2.offload.disk.store.clear_folder(offload_dir) deletes its files")
         _delete_owned(self.directory)
@@ -308,14 +309,21 @@ class DiskStore:
                                    "dtype or noise settings); resume with the run's own config, or use another "
                                    "folder to start over")
 
-    def _trained_steps(self, saved: dict) -> int:
-        """Steps the journal holds beyond the base (lines after the header): what starting over would lose."""
+    def _trained_steps(self, saved: dict, base: UpdateLog | None) -> int:
+        """Steps the journal holds beyond its run's base that starting over from ``base`` would lose (none
+        when ``base`` begins with every step of the journal: a restart from a later checkpoint of the run)."""
         try:
-            lines = (self.directory / _JOURNAL).read_bytes().count(b"\n")
+            lines = (self.directory / _JOURNAL).read_bytes().split(b"\n")[1:-1]
         except FileNotFoundError:
             return 0
-        return max(0, lines - 1 - int(saved.get("base_steps", 0)))
-
+        try:
+            if base is not None and len(lines) <= base.steps and all(
+                    json.loads(line)["updates"] == [u.to_json() for u in base.step_updates(step)]
+                    for step, line in enumerate(lines)):
+                return 0
+        except (ValueError, KeyError, TypeError):
+            pass  # a damaged line: its steps count as trained
+        return max(0, len(lines) - int(saved.get("base_steps", 0)))
 
     def read_json(self, name: str) -> Any:
         """A JSON file of the folder (None if missing)."""
