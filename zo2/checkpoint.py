@@ -35,6 +35,7 @@ from torch import nn
 from .adapters import is_peft_model, load_weights
 from .config import ZOConfig
 from .engine import ZOEngine, replay
+from .persist.fingerprint import mismatch, model_fingerprint
 from .persist.durable import clear_leftovers, replace_folder, staging_folder, write_json
 from .persist.manifest import FORMAT_VERSION, MANIFEST_NAME, CheckpointError, read_json, verify_manifest, write_manifest
 from .persist.shards import save_sharded
@@ -97,7 +98,7 @@ def seed_log(engine: ZOEngine) -> dict[str, Any]:
     """The seed log of ``engine`` as a JSON-serialisable dict: a header and the update log's JSON form."""
     return {"format": SEED_LOG_FORMAT, "version": FORMAT_VERSION, "model_class": type(engine.model).__name__,
             "dtype": str(engine.units[0].master.dtype).replace("torch.", ""), "config": engine.config.to_dict(),
-            "step_count": engine.step_count, **engine.log.to_json()}
+            "step_count": engine.step_count, "base": engine.base_fingerprint, **engine.log.to_json()}
 
 
 def save_seed_log(engine: ZOEngine, path: str | Path) -> Path:
@@ -147,7 +148,24 @@ def replay_seed_log(model: nn.Module, path: str | Path, *, working_device: str |
     ones bit for bit."""
     log = read_seed_log(path)
     config = seed_log_config(log, working_device)
+    check_base(model, log, path)
     return replay(model, log["updates"], config).detach()
+
+
+def check_base(model: nn.Module, log: dict[str, Any], path: str | Path) -> None:
+    """Check that ``model`` holds the base the seed log ``log`` (read from ``path``) was trained from: the same
+    parameter names and shapes and the same fingerprint (:mod:`zo2.persist.fingerprint`); raise
+    :class:`CheckpointError` saying how it differs. A log written before zo2 recorded fingerprints is
+    replayed with a warning that it cannot be checked."""
+    recorded = log.get("base")
+    if recorded is None:
+        logger.warning("%s records no fingerprint of its base (written by an older zo2): cannot check that the "
+                       "base model is the one the run started from", path)
+        return
+    why = mismatch(recorded, model_fingerprint(model, seed_log_config(log, "cpu").torch_storage_dtype))
+    if why is not None:
+        raise CheckpointError(f"the base model is not the one {path} was trained from: {why}; pass the model the "
+                              "run started from (replaying onto another would give other weights)")
 
 
 def save_checkpoint(engine: ZOEngine, directory: str | Path, *, tokenizer: Any = None,

@@ -25,6 +25,7 @@ from torch import nn
 from .config import ZOConfig
 from .methods import Part, method_class
 from .objectives import Objective, as_objective
+from .offload.disk.materialise import materialise
 from .offload.disk.store import DiskStore
 from .offload.placement import WeightSource, place
 from .offload.residency import Residency
@@ -232,8 +233,13 @@ class ZOEngine:
 
     def detach(self) -> nn.Module:
         """Flush, remove zo2's wrappers and return the model; its parameters stay views of the masters
-        (offloaded blocks on the offloading device: call ``.to(device)`` to gather them)."""
+        (offloaded blocks on the offloading device: call ``.to(device)`` to gather them). Disk-offloaded
+        weights are read into host memory when they fit there, else this raises, naming
+        ``zo2.loading.save_pretrained`` (:func:`zo2.offload.disk.materialise.materialise`). The engine is
+        not stepped afterwards."""
         self.flush()
+        if self.store is not None:
+            materialise(self.store, self.units)
         self._driver.unwrap()
         return self.model
 

@@ -241,3 +241,13 @@ def save_pretrained(engine: ZOEngine, directory: str | os.PathLike) -> Path:
     shard per unit, reading one unit at a time: host memory holds one unit, whatever the model's size."""
     engine.flush()
     return save_sharded(engine.model, engine.units, engine.residency.unit_weights, directory)
+
+
+def save_offloaded(engine: ZOEngine, save_directory: str | os.PathLike, **kwargs: Any) -> Path:
+    """``model.save_pretrained(save_directory, ...)`` of a model whose engine offloads to disk (the ZO2-style
+    API, :mod:`zo2.hf`): :func:`save_pretrained`, which streams the trained weights unit by unit. Options of
+    transformers' ``save_pretrained`` other than the folder do not apply; they are logged and ignored."""
+    if kwargs:
+        logger.warning("save_pretrained of a disk-offloaded model streams safetensors shards; ignoring %s",
+                       sorted(kwargs))
+    return save_pretrained(engine, save_directory)
