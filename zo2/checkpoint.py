@@ -35,8 +35,8 @@ from torch import nn
 from .adapters import is_peft_model, load_weights
 from .config import ZOConfig
 from .engine import ZOEngine, replay
-from .persist.fingerprint import mismatch, model_fingerprint
 from .persist.durable import clear_leftovers, replace_folder, staging_folder, write_json
+from .persist.fingerprint import mismatch, model_fingerprint
 from .persist.manifest import FORMAT_VERSION, MANIFEST_NAME, CheckpointError, read_json, verify_manifest, write_manifest
 from .persist.shards import save_sharded
 from .updates import noise
