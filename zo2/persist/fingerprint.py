@@ -3,9 +3,9 @@
 For every parameter (by name, in order): its shape and 16 of its values, evenly spaced over the flattened
 tensor (first and last included), in the dtype the run stores its masters in, hashed with sha256. Reading
 them costs 16 elements a tensor, so it is taken when an engine is built and checked before ``zo2 replay``
-applies a seed log. Two bases with other names or shapes differ visibly (the names and shapes are kept
-beside the digest); the same architecture with other weights, or the fine-tuned model itself (every
-trained value moved), gives another digest.
+applies a seed log. Two bases with other names or shapes differ in ``structure`` (a digest of the names
+and shapes); the same architecture with other weights, or the fine-tuned model itself (every trained
+value moved), in ``digest``.
 """
 from __future__ import annotations
 
@@ -36,13 +36,18 @@ def sample(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tens
 
 
 def fingerprint(samples: Iterable[tuple[str, tuple[int, ...], torch.Tensor]]) -> dict[str, Any]:
-    """The fingerprint of ``(name, shape, sampled values)`` per parameter."""
-    digest, shapes = hashlib.sha256(), {}
+    """The fingerprint of ``(name, shape, sampled values)`` per parameter: the number of parameters, a
+    digest of their names and shapes (``structure``) and one of everything (``digest``); a few hundred bytes
+    whatever the model, so a seed log stays small."""
+    structure, digest, count = hashlib.sha256(), hashlib.sha256(), 0
     for name, shape, values in samples:
-        shapes[name] = list(shape)
-        digest.update(json.dumps([name, list(shape), str(values.dtype)]).encode())
+        described = json.dumps([name, list(shape)]).encode()
+        structure.update(described)
+        digest.update(described + str(values.dtype).encode())
         digest.update(values.contiguous().view(torch.uint8).numpy().tobytes())
-    return {"version": VERSION, "samples": SAMPLES, "parameters": shapes, "digest": digest.hexdigest()}
+        count += 1
+    return {"version": VERSION, "samples": SAMPLES, "parameters": count, "structure": structure.hexdigest(),
+            "digest": digest.hexdigest()}
 
 
 def model_fingerprint(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, Any]:
@@ -52,16 +57,11 @@ def model_fingerprint(model: nn.Module, dtype: torch.dtype | None = None) -> dic
 
 
 def mismatch(recorded: dict[str, Any], actual: dict[str, Any]) -> str | None:
-    """Why ``actual`` is not the base ``recorded`` describes (names, shapes, then values), or None."""
-    want, have = recorded["parameters"], actual["parameters"]
-    if want.keys() != have.keys():
-        missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
-        return (f"other parameters ({len(have)} against {len(want)} in the run's base; missing {missing[:3]}, "
-                f"not in the run {extra[:3]}): another architecture or depth")
-    shapes = [name for name in want if list(want[name]) != list(have[name])]
-    if shapes:
-        return f"other shapes ({shapes[0]}: {have[shapes[0]]} against {want[shapes[0]]} in the run's base)"
+    """Why ``actual`` is not the base ``recorded`` describes (names and shapes, then values), or None."""
+    if recorded["structure"] != actual["structure"]:
+        return (f"other parameter names or shapes ({actual['parameters']} parameters against "
+                f"{recorded['parameters']} in the run's base): another architecture or depth")
     if recorded["digest"] != actual["digest"]:
-        return ("the same shapes but other weights (its fingerprint differs): another checkpoint, or a model "
+        return ("the same parameters but other weights (its fingerprint differs): another checkpoint, or a model "
                 "these updates were already applied to (a fine-tuned checkpoint)")
     return None
