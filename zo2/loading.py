@@ -191,6 +191,7 @@ def from_checkpoint(directory: str | os.PathLike, config: ZOConfig, *, model_cla
     engine = from_pretrained(directory, config, model_class=model_class, dtype="auto", resume=resume, base=log)
     if engine.store is None or not engine.store.resumed:
         engine.load_state_dict(checkpoint.state, weights_updated=True)
+    engine.base_fingerprint = checkpoint.state.get("base_fingerprint")  # the run's base, not these weights
     return engine
 
 

@@ -5,7 +5,8 @@
     store.json               what it holds: every stored unit (name, dtype, size) and the run's noise settings
     journal.jsonl            the update log, one step per line (:class:`zo2.offload.disk.journal.Journal`)
     unit-00003-master.zo2    one file per stored buffer: a 4 KiB header (JSON: unit, buffer, dtype, numel,
-                             applied steps, crc32 of the data), then the data, padded to a multiple of 4 KiB
+                             applied steps, the crc32 of each 16 MiB piece of the data), then the data, padded
+                             to a multiple of 4 KiB
     base.json                digests of the units kept outside the folder (:mod:`zo2.loading`)
     lock                     held (``flock``) by the one process using the folder
 
@@ -15,7 +16,8 @@ over in a folder whose journal holds trained steps unless told to resume, and de
 (:func:`clear_folder`). The lock is an OS lock (``flock``): the kernel releases it when the process dies,
 so a crashed run never leaves the folder locked.
 
-Integrity: every unit file's header holds the crc32 of its data, checked on every read; a damaged
+Integrity: every unit file's header holds the crc32 of each piece of its data, computed by the threads
+that read or write the pieces (so it overlaps the I/O) and checked on every read; a damaged
 ``store.json`` or journal, a unit whose checksum does not match or a unit file that disappeared stops
 the run with a :class:`DiskOffloadError` naming the file (docs/guides/disk-offload.md#damage-and-recovery).
 
@@ -188,11 +190,6 @@ def _lock(directory: Path) -> int:
     return fd
 
 
-def _checksum(data: memoryview) -> int:
-    """crc32 of a unit's data (zlib's, about 3 GB/s a core and run without the GIL: the I/O thread's cost)."""
-    return zlib.crc32(data)
-
-
 def _direct_io_works(directory: Path) -> bool:
     """Whether files in ``directory`` accept O_DIRECT writes of aligned 4 KiB blocks."""
     if not hasattr(os, "O_DIRECT"):
@@ -356,7 +353,7 @@ class DiskStore:
         if not self.direct and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
-    def _header_for(self, key: tuple[int, str], applied: int, crc32: int | None) -> dict:
+    def _header_for(self, key: tuple[int, str], applied: int, crc32: list[int] | None) -> dict:
         stored = self.buffers[key]
         return {"unit": stored.unit, "buffer": stored.name, "name": stored.unit_name,
                 "dtype": str(stored.dtype).replace("torch.", ""), "numel": stored.numel, "applied": applied,
@@ -390,11 +387,10 @@ class DiskStore:
         try:
             if not self.direct and hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger read-ahead window
-            if self.direct:  # no kernel read-ahead: keep several requests in flight ourselves
-                _pread_whole(fd, [_raw(self._header)], 0, path)
-                _pread_concurrently(fd, _raw(buffer[:size]), HEADER_BYTES, path)
-            else:
-                _pread_whole(fd, [_raw(self._header), _raw(buffer[:size])], 0, path)
+            _pread_whole(fd, [_raw(self._header)], 0, path)
+            # several requests in flight (O_DIRECT has no kernel read-ahead), each piece's crc32 computed by
+            # the thread that read it, while the others read
+            crcs = _pread_concurrently(fd, _raw(buffer[:size]), HEADER_BYTES, path)
             self._drop_cache(fd)
         finally:
             os.close(fd)
@@ -404,7 +400,7 @@ class DiskStore:
                                    "the folder was modified outside this engine, or a state was loaded with "
                                    "weights_updated=True into an engine whose weights do not hold it (build it with "
                                    "zo2.loading.from_checkpoint instead)")
-        if _checksum(_raw(buffer[:stored.nbytes])) != header.get("crc32"):
+        if crcs != header.get("crc32"):
             raise DiskOffloadError(f"{path} (unit {stored.unit_name}) is damaged: its data does not match the crc32 "
                                    "in its header (a disk error, or the file was changed outside zo2); its weights "
                                    f"cannot be trusted. {_RECOVERY}")
@@ -422,20 +418,16 @@ class DiskStore:
         key, path = (unit, name), self.path(unit, name)
         stored = self.buffers[key]
         self.journal.extend(steps)
-        crc32 = _checksum(_raw(buffer[:stored.nbytes]))
-        header = json.dumps(self._header_for(key, applied, crc32)).encode()
-        self._header.zero_()
-        _raw(self._header)[:len(_MAGIC) + len(header)] = _MAGIC + header
+        data = _raw(buffer[:padded(stored.nbytes)])
         tmp = path.with_suffix(".tmp")
         try:
             fd = self._open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             try:
-                views, done, total = [_raw(self._header), _raw(buffer[:padded(stored.nbytes)])], 0, 0
-                total = HEADER_BYTES + padded(stored.nbytes)
-                while done < total:
-                    count = os.pwritev(fd, views, done)
-                    done += count
-                    views = _remaining(views, count)
+                crcs = _pwrite_with_crcs(fd, data, HEADER_BYTES)
+                header = json.dumps(self._header_for(key, applied, crcs)).encode()
+                self._header.zero_()
+                _raw(self._header)[:len(_MAGIC) + len(header)] = _MAGIC + header
+                _pwrite_whole(fd, [_raw(self._header)], 0)
                 os.fdatasync(fd)
                 self._drop_cache(fd)
             finally:
@@ -543,6 +535,7 @@ def _keep(param: nn.Parameter, view: torch.Tensor) -> None:
 #: one 256 MiB request, against 1.9 GB/s through the page cache, whose read-ahead overlaps requests).
 _READ_PIECE = 16 << 20
 _READ_DEPTH = 4
+_MAX_PIECES = 256  # crc32s a unit header holds (a 4 KiB header: about 11 bytes each)
 
 
 def _pread_whole(fd: int, views: list[memoryview], offset: int, path: Path) -> None:
@@ -556,16 +549,46 @@ def _pread_whole(fd: int, views: list[memoryview], offset: int, path: Path) -> N
         views = _remaining(views, count)
 
 
-def _pread_concurrently(fd: int, view: memoryview, offset: int, path: Path) -> None:
-    """Fill ``view`` from ``fd`` at ``offset`` in aligned pieces read by a few threads (``os.preadv``
-    releases the GIL), so the device sees a queue of requests."""
-    pieces = [(start, view[start:start + _READ_PIECE]) for start in range(0, len(view), _READ_PIECE)]
+def _pieces(view: memoryview) -> list[tuple[int, memoryview]]:
+    """``view`` cut into the pieces read concurrently and checksummed one by one: :data:`_READ_PIECE` bytes,
+    more for a unit over 4 GiB, so that its list of crc32s (at most :data:`_MAX_PIECES`) fits the header."""
+    size = max(_READ_PIECE, padded(-(-len(view) // _MAX_PIECES)))
+    return [(start, view[start:start + size]) for start in range(0, len(view), size)]
+
+
+def _pread_concurrently(fd: int, view: memoryview, offset: int, path: Path) -> list[int]:
+    """Fill ``view`` from ``fd`` at ``offset`` in aligned pieces read by a few threads (``os.preadv`` and
+    ``zlib.crc32`` release the GIL), so the device sees a queue of requests; returns each piece's crc32."""
+    def read(start: int, piece: memoryview) -> int:
+        _pread_whole(fd, [piece], offset + start, path)
+        return zlib.crc32(piece)
+
+    pieces = _pieces(view)
     if len(pieces) == 1:
-        _pread_whole(fd, [view], offset, path)
-        return
+        return [read(*pieces[0])]
     with ThreadPoolExecutor(max_workers=_READ_DEPTH, thread_name_prefix="zo2-read") as pool:
-        for future in [pool.submit(_pread_whole, fd, [piece], offset + start, path) for start, piece in pieces]:
-            future.result()
+        return [future.result() for future in [pool.submit(read, start, piece) for start, piece in pieces]]
+
+
+def _pwrite_whole(fd: int, views: list[memoryview], offset: int) -> None:
+    """Write ``views`` to ``fd`` at ``offset``, looping over short writes."""
+    done, total = 0, sum(len(v) for v in views)
+    while done < total:
+        count = os.pwritev(fd, views, offset + done)
+        done += count
+        views = _remaining(views, count)
+
+
+def _pwrite_with_crcs(fd: int, view: memoryview, offset: int) -> list[int]:
+    """Write ``view`` at ``offset`` while other threads compute the crc32 of each of its pieces; the crcs."""
+    pieces = _pieces(view)
+    if len(pieces) == 1:
+        _pwrite_whole(fd, [view], offset)
+        return [zlib.crc32(view)]
+    with ThreadPoolExecutor(max_workers=_READ_DEPTH, thread_name_prefix="zo2-crc") as pool:
+        futures = [pool.submit(zlib.crc32, piece) for _, piece in pieces]
+        _pwrite_whole(fd, [view], offset)
+        return [future.result() for future in futures]
 
 
 def _remaining(views: list[memoryview], count: int) -> list[memoryview]:
