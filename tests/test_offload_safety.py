@@ -122,8 +122,8 @@ def test_a_damaged_journal_line_stops_resume_naming_it(tmp_path):
     assert _snapshot(offload) == before
 
 
-@pytest.mark.parametrize("damage", ["zeros", "random"])
-def test_a_damaged_unit_file_is_an_error_naming_it(tmp_path, damage):
+@pytest.mark.parametrize("damage,io", [("zeros", "auto"), ("random", "auto"), ("zeros", "buffered")])
+def test_a_damaged_unit_file_is_an_error_naming_it(tmp_path, damage, io):
     checkpoint, offload = _trained(tmp_path)
     unit = offload / "unit-00001-master.zo2"
     data = bytearray(unit.read_bytes())
@@ -133,7 +133,7 @@ def test_a_damaged_unit_file_is_an_error_naming_it(tmp_path, damage):
                                                                generator=torch.Generator().manual_seed(0)).numpy()
     data[HEADER_BYTES + size:HEADER_BYTES + 2 * size] = bytes(noise)
     unit.write_bytes(bytes(data))
-    engine = from_pretrained(checkpoint, _config(offload), resume=True)
+    engine = from_pretrained(checkpoint, _config(offload, offload_io=io), resume=True)
     with pytest.raises(DiskOffloadError, match=r"unit-00001-master.zo2 \(unit block.0\) is damaged: its data "
                                                r"does not match the crc32"):
         engine.step(make_batch(seed=3))

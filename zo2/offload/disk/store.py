@@ -388,9 +388,10 @@ class DiskStore:
             if not self.direct and hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger read-ahead window
             _pread_whole(fd, [_raw(self._header)], 0, path)
-            # several requests in flight (O_DIRECT has no kernel read-ahead), each piece's crc32 computed by
-            # the thread that read it, while the others read
-            crcs = _pread_concurrently(fd, _raw(buffer[:size]), HEADER_BYTES, path)
+            # O_DIRECT has no kernel read-ahead: several requests in flight, each piece's crc32 computed by the
+            # thread that read it; through the page cache: one sequential reader, the crc32s computed behind it
+            read = _pread_concurrently if self.direct else _pread_sequentially
+            crcs = read(fd, _raw(buffer[:size]), HEADER_BYTES, path)
             self._drop_cache(fd)
         finally:
             os.close(fd)
@@ -568,6 +569,17 @@ def _pread_concurrently(fd: int, view: memoryview, offset: int, path: Path) -> l
         return [read(*pieces[0])]
     with ThreadPoolExecutor(max_workers=_READ_DEPTH, thread_name_prefix="zo2-read") as pool:
         return [future.result() for future in [pool.submit(read, start, piece) for start, piece in pieces]]
+
+
+def _pread_sequentially(fd: int, view: memoryview, offset: int, path: Path) -> list[int]:
+    """Fill ``view`` from ``fd`` at ``offset`` piece after piece (the kernel's read-ahead keeps the device
+    busy), another thread computing the crc32 of each piece read while the next one is read; the crcs."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zo2-crc") as pool:
+        futures = []
+        for start, piece in _pieces(view):
+            _pread_whole(fd, [piece], offset + start, path)
+            futures.append(pool.submit(zlib.crc32, piece))
+        return [future.result() for future in futures]
 
 
 def _pwrite_whole(fd: int, views: list[memoryview], offset: int) -> None:
