@@ -403,8 +403,8 @@ class DiskStore:
                                    "zo2.loading.from_checkpoint instead)")
         if crcs != header.get("crc32"):
             raise DiskOffloadError(f"{path} (unit {stored.unit_name}) is damaged: its data does not match the crc32 "
-                                   "in its header (a disk error, or the file was changed outside zo2); its weights "
-                                   f"cannot be trusted. {_RECOVERY}")
+                                   "in its header (a disk error, or the file was changed outside zo2): its weights "
+                                   f"cannot be trusted; {_RECOVERY}")
         self.bytes_read += stored.nbytes
 
     def write(self, unit: int, buffer: torch.Tensor, applied: int, steps: Sequence[Sequence] = (),
