@@ -14,8 +14,9 @@ from tiny import make_batch, make_model
 from zo2 import ZOConfig, ZOEngine
 from zo2.loading import unit_weights
 from zo2.offload.disk.aligned import ALIGN, live_buffer_bytes
+from zo2.offload.disk.folder import DiskOffloadError, check_folder
 from zo2.offload.disk.staging import staging_bytes
-from zo2.offload.disk.store import HEADER_BYTES, DiskOffloadError, check_folder
+from zo2.offload.disk.store import HEADER_BYTES
 from zo2.plan import BudgetError, block_locations, host_bytes, model_sizes, walk_shape
 
 STEPS = 6

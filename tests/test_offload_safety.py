@@ -14,7 +14,8 @@ from tiny import make_batch, make_model
 
 from zo2 import ZOConfig, ZOEngine
 from zo2.loading import from_pretrained
-from zo2.offload.disk.store import HEADER_BYTES, DiskOffloadError, clear_folder, foreign_files
+from zo2.offload.disk.folder import DiskOffloadError, clear_folder, foreign_files
+from zo2.offload.disk.store import HEADER_BYTES
 
 BIG = dict(hidden_size=64, intermediate_size=256)  # a block of ~260 KB: room for 64 KB of damage
 

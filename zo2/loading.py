@@ -38,7 +38,7 @@ from torch import nn
 from .checkpoint import load_checkpoint
 from .config import ZOConfig
 from .engine import ZOEngine
-from .offload.disk.store import DiskOffloadError
+from .offload.disk.folder import DiskOffloadError
 from .offload.placement import WeightSource
 from .persist import compat
 from .persist.fingerprint import fingerprint, positions

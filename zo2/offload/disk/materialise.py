@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Sequence
 
 from ...units.storage import Unit
-from .store import DiskOffloadError, DiskStore
+from .folder import DiskOffloadError
+from .store import DiskStore
 
 
 def _cgroup_room() -> int | None:

@@ -13,7 +13,7 @@
 Ownership: ``store.json`` is written first and is the folder's marker (it names the run: a random id, the
 host and process that created it). zo2 refuses a folder holding files it did not write, refuses to start
 over in a folder whose journal holds trained steps unless told to resume, and deletes only the names above
-(:func:`clear_folder`). The lock is an OS lock (``flock``): the kernel releases it when the process dies,
+(:func:`zo2.offload.disk.folder.clear_folder`). The lock is an OS lock (``flock``): the kernel releases it when the process dies,
 so a crashed run never leaves the folder locked.
 
 Integrity: every unit file's header holds the crc32 of each piece of its data, computed by the threads
@@ -37,12 +37,9 @@ holds zo2's own buffers only: the staging buffers (or slots) and the resident un
 from __future__ import annotations
 
 import errno
-import fcntl
-import fnmatch
 import json
 import logging
 import os
-import shutil
 import socket
 import threading
 import uuid
@@ -62,6 +59,7 @@ from ...units.storage import Unit, build_unit
 from ...updates import noise
 from ...updates.log import HistoryError, UpdateLog
 from .aligned import ALIGN, aligned_empty, padded, typed
+from .folder import JOURNAL_NAME, STORE_NAME, DiskOffloadError, check_folder, delete_owned, lock_folder, refuse_foreign
 from .journal import Journal
 
 logger = logging.getLogger(__name__)
@@ -73,16 +71,7 @@ _VERSION = 2  # 2: unit headers carry the crc32 of their data
 MASTER = "master"
 """Buffer name of a unit's trainable master weights."""
 _SPACE_ERRORS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-_STORE = "store.json"
-_JOURNAL = "journal.jsonl"
-#: Every name zo2 writes in an offload folder (temporary files of durable writes included): all it deletes.
-_OWNED = (_STORE, _JOURNAL, "base.json", "lock", "unit-*.zo2", "unit-*.tmp", f".{_STORE}.*.tmp",
-          f".{_JOURNAL}.*.tmp", ".base.json.*.tmp", ".zo2-probe-*", ".zo2-direct-*")
 _RECOVERY = "see docs/guides/disk-offload.md#damage-and-recovery"
-
-
-class DiskOffloadError(RuntimeError):
-    """The offload folder cannot be used (missing, read-only, full, locked, or not this run's)."""
 
 
 def placeholder(numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -111,83 +100,6 @@ class StoredBuffer:
 
     def describe(self) -> list:
         return [self.unit, self.name, self.unit_name, str(self.dtype).replace("torch.", ""), self.numel]
-
-
-def check_folder(directory: str | os.PathLike, needed_bytes: int) -> Path:
-    """Check, before anything is written, that ``directory`` exists (it is made when missing), is
-    writable and has room for ``needed_bytes``; raise :class:`DiskOffloadError` saying what to fix otherwise."""
-    path = Path(directory)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise DiskOffloadError(f"ZOConfig.offload_dir={str(directory)!r} does not exist and cannot be created "
-                               f"({err}): create it (mkdir -p) on a fast local disk with at least "
-                               f"{needed_bytes / 1e9:.2f} GB free, or point offload_dir at an existing folder") from None
-    if not path.is_dir():
-        raise DiskOffloadError(f"ZOConfig.offload_dir={str(directory)!r} is not a folder")
-    probe = path / f".zo2-probe-{os.getpid()}"
-    try:
-        with open(probe, "wb") as handle:
-            handle.write(b"\0")
-    except OSError as err:
-        raise DiskOffloadError(f"cannot write to ZOConfig.offload_dir={str(directory)!r} ({err}): disk offload "
-                               "writes every offloaded block there; choose a writable folder") from None
-    probe.unlink()
-    free = shutil.disk_usage(path).free
-    if free < needed_bytes:
-        raise DiskOffloadError(f"ZOConfig.offload_dir={str(directory)!r} has {free / 1e9:.2f} GB free, disk offload "
-                               f"needs {needed_bytes / 1e9:.2f} GB (every offloaded block, plus room to rewrite the "
-                               "largest one): free some space or choose another folder")
-    return path
-
-
-def _owned(name: str) -> bool:
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in _OWNED)
-
-
-def foreign_files(directory: str | os.PathLike) -> list[str]:
-    """The names in ``directory`` that zo2's disk offload did not write (sorted)."""
-    path = Path(directory)
-    return sorted(entry.name for entry in path.iterdir() if not _owned(entry.name)) if path.is_dir() else []
-
-
-def _refuse_foreign(directory: Path) -> None:
-    foreign = foreign_files(directory)
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise DiskOffloadError(f"ZOConfig.offload_dir={str(directory)!r} holds files zo2 did not write ({shown}): "
-                               "disk offload needs a folder of its own and never touches other files; point "
-                               f"offload_dir at an empty or new folder (e.g. {str(directory / 'zo2-offload')!r})")
-
-
-def clear_folder(directory: str | os.PathLike) -> None:
-    """Delete what zo2's disk offload wrote in ``directory`` (its unit files, store.json, journal, lock),
-    and nothing else: the way to start over in a folder that holds a run. Refused while an engine uses it."""
-    path = Path(directory)
-    lock = _lock(path)
-    try:
-        _delete_owned(path)
-    finally:
-        os.close(lock)
-
-
-def _delete_owned(directory: Path) -> None:
-    """Delete the files zo2 wrote in ``directory`` except the lock (never a file it did not write)."""
-    for entry in directory.iterdir():
-        if _owned(entry.name) and entry.name != "lock" and entry.is_file():
-            entry.unlink()
-
-
-def _lock(directory: Path) -> int:
-    """Take the folder's OS lock (``flock``; the kernel drops it when the process dies); its descriptor."""
-    fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise DiskOffloadError(f"ZOConfig.offload_dir={str(directory)!r} is in use by another zo2 engine: "
-                               "give every engine (and every process) its own offload folder") from None
-    return fd
 
 
 def _direct_io_works(directory: Path) -> bool:
@@ -222,9 +134,9 @@ class DiskStore:
         largest = max((padded(b.nbytes) for b in buffers), default=0)
         needed = sum(HEADER_BYTES + padded(b.nbytes) for b in buffers) + HEADER_BYTES + largest
         self.directory = check_folder(directory, needed - (self._existing_bytes(directory) if resume else 0))
-        self._lock = _lock(self.directory)
+        self._lock = lock_folder(self.directory)
         self._closer = weakref.finalize(self, os.close, self._lock)  # a collected store frees its folder
-        _refuse_foreign(self.directory)
+        refuse_foreign(self.directory)
         self._io_lock = threading.Lock()  # the I/O thread and the main thread (read_tensor) share the header
         self.direct = _direct_io_works(self.directory) if direct is None else direct
         if direct and not _direct_io_works(self.directory):
@@ -237,7 +149,7 @@ class DiskStore:
         """Steps the weights the units were built from already held (a checkpoint saved after training)."""
         self.resumed = self._open_run(description, resume, base)
         try:
-            self.journal = Journal(self.directory / _JOURNAL, updates_per_step, run.get("generator", 0),
+            self.journal = Journal(self.directory / JOURNAL_NAME, updates_per_step, run.get("generator", 0),
                                    resume=self.resumed)
         except HistoryError as err:
             raise DiskOffloadError(f"{err}; {_RECOVERY}") from None
@@ -269,15 +181,15 @@ class DiskStore:
             raise DiskOffloadError(f"ZOConfig.offload_dir={str(self.directory)!r} holds a run with "
                                    f"{lost} trained steps: pass resume=True to continue it "
                                    "(zo2.loading.from_pretrained(..., resume=True)), or start over in another folder "
-                                   "or after zo2.offload.disk.store.clear_folder(offload_dir) deletes its files")
-        _delete_owned(self.directory)
+                                   "or after zo2.offload.disk.folder.clear_folder(offload_dir) deletes its files")
+        delete_owned(self.directory)
         owner = {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
-        self.write_json(_STORE, {**description, "owner": owner})
+        self.write_json(STORE_NAME, {**description, "owner": owner})
         return False
 
     def _saved(self) -> dict | None:
         """The folder's store.json (None when the folder holds no run); a damaged one is an error."""
-        path = self.directory / _STORE
+        path = self.directory / STORE_NAME
         try:
             saved = json.loads(path.read_text())
             if not isinstance(saved, dict) or saved.get("format") != _FORMAT:
@@ -285,7 +197,7 @@ class DiskStore:
             return saved
         except FileNotFoundError:
             leftovers = [p.name for p in self.directory.glob("unit-*.zo2")] + \
-                [_JOURNAL] * (self.directory / _JOURNAL).exists()
+                [JOURNAL_NAME] * (self.directory / JOURNAL_NAME).exists()
             if not leftovers:
                 return None
             raise DiskOffloadError(f"{path} is missing but the folder holds {', '.join(sorted(leftovers)[:3])}: "
@@ -294,11 +206,11 @@ class DiskStore:
             raise DiskOffloadError(f"{path} is damaged ({err}): the folder's unit files cannot be trusted without "
                                    "it, and zo2 will not start over on top of them. Resume from your newest checkpoint "
                                    "with a fresh offload_dir, or delete the folder's files with "
-                                   f"zo2.offload.disk.store.clear_folder; {_RECOVERY}") from None
+                                   f"zo2.offload.disk.folder.clear_folder; {_RECOVERY}") from None
 
     def _check_same_run(self, saved: dict, description: dict) -> None:
         if saved.get("version") != _VERSION:
-            raise DiskOffloadError(f"{self.directory / _STORE} was written by another zo2 version (offload format "
+            raise DiskOffloadError(f"{self.directory / STORE_NAME} was written by another zo2 version (offload format "
                                    f"{saved.get('version')}, this one reads {_VERSION}): resume from a checkpoint "
                                    "with a fresh offload_dir")
         if {k: v for k, v in saved.items() if k != "owner"} != json.loads(json.dumps(description)):
@@ -310,7 +222,7 @@ class DiskStore:
         """Steps the journal holds beyond its run's base that starting over from ``base`` would lose (none
         when ``base`` begins with every step of the journal: a restart from a later checkpoint of the run)."""
         try:
-            lines = (self.directory / _JOURNAL).read_bytes().split(b"\n")[1:-1]
+            lines = (self.directory / JOURNAL_NAME).read_bytes().split(b"\n")[1:-1]
         except FileNotFoundError:
             return 0
         try:
