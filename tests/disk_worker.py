@@ -26,7 +26,7 @@ from tiny import make_batch  # noqa: E402
 from zo2 import ZOConfig
 from zo2.loading import from_pretrained, unit_weights  # noqa: E402
 from zo2.offload.disk import journal  # noqa: E402
-from zo2.offload.disk.store import DiskOffloadError  # noqa: E402
+from zo2.offload.disk.store import HEADER_BYTES, DiskOffloadError  # noqa: E402
 
 progress = {"step": 0}
 
@@ -43,9 +43,9 @@ def _kill_when(point: str, step: int) -> None:
         original = os.pwritev
 
         def pwritev(fd, views, offset):
-            if due(os.readlink(f"/proc/self/fd/{fd}")) and offset == 0:
-                half = len(views[1]) // 2 // 4096 * 4096  # O_DIRECT writes whole 4 KiB blocks
-                original(fd, views[:1] + [views[1][:half]], 0)  # the header and half the data
+            if due(os.readlink(f"/proc/self/fd/{fd}")) and offset == HEADER_BYTES:  # the data, then the header
+                half = len(views[0]) // 2 // 4096 * 4096  # O_DIRECT writes whole 4 KiB blocks
+                original(fd, [views[0][:half]], offset)  # half the data
                 die()
             return original(fd, views, offset)
         os.pwritev = pwritev

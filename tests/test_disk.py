@@ -14,8 +14,9 @@ from tiny import make_batch, make_model
 from zo2 import ZOConfig, ZOEngine
 from zo2.loading import unit_weights
 from zo2.offload.disk.aligned import ALIGN, live_buffer_bytes
+from zo2.offload.disk.folder import DiskOffloadError, check_folder
 from zo2.offload.disk.staging import staging_bytes
-from zo2.offload.disk.store import HEADER_BYTES, DiskOffloadError, check_folder
+from zo2.offload.disk.store import HEADER_BYTES
 from zo2.plan import BudgetError, block_locations, host_bytes, model_sizes, walk_shape
 
 STEPS = 6
@@ -154,9 +155,14 @@ def test_the_backend_holds_its_staging_buffers_and_nothing_more(tmp_path, layers
         assert all(p.untyped_storage().nbytes() == p.element_size() for p in unit.params)
 
 
-def test_missing_or_full_folder_is_refused_before_anything_is_written(tmp_path):
-    with pytest.raises(DiskOffloadError, match="does not exist: create it"):
-        ZOEngine(make_model("llama"), _config(offloading_device="disk", offload_dir=str(tmp_path / "nope")))
+def test_missing_folder_is_made_and_one_that_cannot_be_is_refused_before_anything_is_written(tmp_path):
+    ZOEngine(make_model("llama"), _config(offloading_device="disk", offload_dir=str(tmp_path / "new" / "offload")))
+    assert (tmp_path / "new" / "offload" / "store.json").is_file()
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(DiskOffloadError, match="does not exist and cannot be created"):
+        ZOEngine(make_model("llama"), _config(offloading_device="disk", offload_dir=str(tmp_path / "a-file" / "sub")))
+    shutil.rmtree(tmp_path / "new")
+    (tmp_path / "a-file").unlink()
     free = shutil.disk_usage(tmp_path).free
     with pytest.raises(DiskOffloadError, match="GB free, disk offload needs"):
         check_folder(tmp_path, 2 * free + 1)

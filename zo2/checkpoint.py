@@ -13,13 +13,16 @@ Two kinds:
   (``replay_seed_log``, ``zo2 replay``).
 
 ``load_checkpoint`` verifies the manifest and refuses a missing, partial or corrupt checkpoint with a
-:class:`CheckpointError`; ``latest_checkpoint`` finds the newest complete one under an output folder.
+:class:`CheckpointError`; ``latest_checkpoint`` finds the newest one under an output folder,
+``find_intact_checkpoint`` the newest that verifies (falling back past damaged ones, with a warning), and
+``prune_checkpoints`` deletes old ones without ever counting a damaged one.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +36,7 @@ from .adapters import is_peft_model, load_weights
 from .config import ZOConfig
 from .engine import ZOEngine, replay
 from .persist.durable import clear_leftovers, replace_folder, staging_folder, write_json
+from .persist.fingerprint import mismatch, model_fingerprint
 from .persist.manifest import FORMAT_VERSION, MANIFEST_NAME, CheckpointError, read_json, verify_manifest, write_manifest
 from .persist.shards import save_sharded
 from .updates import noise
@@ -94,7 +98,7 @@ def seed_log(engine: ZOEngine) -> dict[str, Any]:
     """The seed log of ``engine`` as a JSON-serialisable dict: a header and the update log's JSON form."""
     return {"format": SEED_LOG_FORMAT, "version": FORMAT_VERSION, "model_class": type(engine.model).__name__,
             "dtype": str(engine.units[0].master.dtype).replace("torch.", ""), "config": engine.config.to_dict(),
-            "step_count": engine.step_count, **engine.log.to_json()}
+            "step_count": engine.step_count, "base": engine.base_fingerprint, **engine.log.to_json()}
 
 
 def save_seed_log(engine: ZOEngine, path: str | Path) -> Path:
@@ -144,7 +148,24 @@ def replay_seed_log(model: nn.Module, path: str | Path, *, working_device: str |
     ones bit for bit."""
     log = read_seed_log(path)
     config = seed_log_config(log, working_device)
+    check_base(model, log, path)
     return replay(model, log["updates"], config).detach()
+
+
+def check_base(model: nn.Module, log: dict[str, Any], path: str | Path) -> None:
+    """Check that ``model`` holds the base the seed log ``log`` (read from ``path``) was trained from: the same
+    parameter names and shapes and the same fingerprint (:mod:`zo2.persist.fingerprint`); raise
+    :class:`CheckpointError` saying how it differs. A log written before zo2 recorded fingerprints is
+    replayed with a warning that it cannot be checked."""
+    recorded = log.get("base")
+    if recorded is None:
+        logger.warning("%s records no fingerprint of its base (written by an older zo2): cannot check that the "
+                       "base model is the one the run started from", path)
+        return
+    why = mismatch(recorded, model_fingerprint(model, seed_log_config(log, "cpu").torch_storage_dtype))
+    if why is not None:
+        raise CheckpointError(f"the base model is not the one {path} was trained from: {why}; pass the model the "
+                              "run started from (replaying onto another would give other weights)")
 
 
 def save_checkpoint(engine: ZOEngine, directory: str | Path, *, tokenizer: Any = None,
@@ -194,23 +215,91 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
     return Checkpoint(directory, state, data.get("extra") or {})
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint (one whose manifest was written) directly under ``output_dir``,
-    by step then modification time; ``None`` if there is none. Its files are verified by
-    :func:`load_checkpoint`, not here (hashing is slow)."""
+def _candidates(output_dir: Path) -> list[Path]:
+    """The checkpoint folders directly under ``output_dir`` (a manifest in them, parsable or not; a folder
+    without one is a save that did not finish), newest first: by the step in the manifest, else the number
+    in the folder's name, then modification time."""
     found = []
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return None
-    for folder in output_dir.iterdir():
+    for folder in output_dir.iterdir() if output_dir.is_dir() else ():
+        if folder.name.startswith(".") or not folder.is_dir():
+            continue  # staging and set-aside folders of an interrupted save (zo2.persist.durable)
         manifest = folder / MANIFEST_NAME
         if not manifest.is_file():
             continue
         try:
             step = json.loads(manifest.read_text()).get("step")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+            step = None
+        if not isinstance(step, int):
+            digits = re.findall(r"\d+", folder.name)
+            step = int(digits[-1]) if digits else -1
+        found.append((step, folder.stat().st_mtime, folder))
+    return [folder for _, _, folder in sorted(found, reverse=True)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint directly under ``output_dir`` (by step, then modification time); ``None`` if
+    there is none. Its files are verified by :func:`load_checkpoint`, not here (hashing is slow).
+
+    A newest checkpoint whose manifest does not parse is damage, not "no checkpoint": it
+    raises :class:`CheckpointError` naming the file (:func:`find_intact_checkpoint` falls back to an older one)."""
+    candidates = _candidates(Path(output_dir))
+    if not candidates:
+        return None
+    read_json(candidates[0] / MANIFEST_NAME, f"manifest {MANIFEST_NAME} of the newest checkpoint (damaged; "
+              "zo2.checkpoint.find_intact_checkpoint falls back to the newest intact one)")
+    return candidates[0]
+
+
+@dataclass
+class CheckpointSearch:
+    """What :func:`find_intact_checkpoint` found."""
+
+    checkpoint: Checkpoint | None
+    """The newest intact checkpoint, verified and loaded (None: there is none)."""
+    damaged: list[tuple[Path, str]]
+    """The newer checkpoints that failed verification, newest first, each with the reason."""
+
+
+def find_intact_checkpoint(output_dir: str | Path) -> CheckpointSearch:
+    """The newest checkpoint under ``output_dir`` whose manifest and files verify (:func:`load_checkpoint`),
+    and the newer ones that do not, with the reasons. Falling back past a damaged checkpoint logs a warning
+    naming it; nothing is deleted. ``checkpoint`` is None when no checkpoint verifies (``damaged`` then
+    says why, or is empty when the folder holds no checkpoint at all)."""
+    damaged: list[tuple[Path, str]] = []
+    for folder in _candidates(Path(output_dir)):
+        try:
+            checkpoint = load_checkpoint(folder)
+        except CheckpointError as err:
+            damaged.append((folder, str(err)))
             continue
-        found.append((step if isinstance(step, int) else -1, manifest.stat().st_mtime, folder))
-    return max(found)[2] if found else None
+        for bad, reason in damaged:
+            logger.warning("checkpoint %s is damaged (%s); falling back to the newest intact one, %s",
+                           bad, reason, folder)
+        return CheckpointSearch(checkpoint, damaged)
+    return CheckpointSearch(None, damaged)
 
 
+def _looks_intact(folder: Path) -> bool:
+    """A cheap check (no hashing): the manifest parses and every file it lists is there with its size."""
+    try:
+        files = json.loads((folder / MANIFEST_NAME).read_text())["files"]
+        return all((folder / name).stat().st_size == entry["size"] for name, entry in files.items())
+    except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError):
+        return False
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
+    """Delete the checkpoints under ``output_dir`` older than the newest ``keep`` that look intact (manifest
+    parses, files of their sizes); returns the deleted folders. A damaged checkpoint is never counted, so an
+    intact one is never deleted because newer ones are damaged; damaged ones newer than it are kept as evidence."""
+    if keep < 1:
+        raise ValueError(f"keep={keep}: at least the newest checkpoint must be kept")
+    candidates, intact = _candidates(Path(output_dir)), 0
+    for index, folder in enumerate(candidates):
+        intact += _looks_intact(folder)
+        if intact == keep:
+            for old in candidates[index + 1:]:
+                shutil.rmtree(old)
+            return candidates[index + 1:]
+    return []

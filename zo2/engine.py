@@ -26,9 +26,11 @@ from .config import ZOConfig
 from .methods import Part, method_class
 from .methods.defaults import LearningRate, out_of_scale
 from .objectives import Objective, as_objective
+from .offload.disk.materialise import materialise
 from .offload.disk.store import DiskStore
 from .offload.placement import WeightSource, place
 from .offload.residency import Residency
+from .persist.fingerprint import model_fingerprint
 from .result import StepResult
 from .units.partition import UnsupportedModelError, find_partition
 from .units.storage import Unit
@@ -78,6 +80,10 @@ class ZOEngine:
         self.method = method_class(config.method)(config, self.log)
         self.role.check(self.method.parts(self.seeds(0)), config.num_directions)
         self._stats: torch.Tensor | None = None  # [parts, 2] sums of the micro-batches of the current step
+        self.base_fingerprint = weights.fingerprint if weights is not None else \
+            model_fingerprint(model, config.torch_storage_dtype)
+        """The fingerprint of the weights the run started from (:mod:`zo2.persist.fingerprint`; None: unknown),
+        written into seed logs so that ``zo2 replay`` can check its base."""
         partition = find_partition(model, dict(probe_inputs) if probe_inputs is not None else None)
         if config.perturbation_scope == "module" and not partition.matrices_read_by_owner:
             raise UnsupportedModelError(
@@ -214,7 +220,8 @@ class ZOEngine:
         """JSON-serialisable training state: the step count, the config, the method's own state and
         (unless ``include_log=False``, for checkpoints that keep the log in their seed log) the update log."""
         state = {"step_count": self.step_count, "config": self.config.to_dict(),
-                 "method_state": self.method.state_dict(), "learning_rate": self.learning_rate.to_json()}
+                 "method_state": self.method.state_dict(), "learning_rate": self.learning_rate.to_json(),
+                 "base_fingerprint": self.base_fingerprint}
         if include_log:
             state["log"] = self.log.to_json()
         return state
@@ -243,6 +250,8 @@ class ZOEngine:
         self.method.load_state_dict(state.get("method_state", {}))
         if "learning_rate" in state:  # a searched lr is not searched again
             self.learning_rate = LearningRate.from_json(state["learning_rate"])
+        if "base_fingerprint" in state or (weights_updated and loaded.steps):  # else the weights are the base
+            self.base_fingerprint = state.get("base_fingerprint")
         self._stats = None
 
     # --------------------------------------------------------------------------- the plain model
@@ -261,8 +270,13 @@ class ZOEngine:
 
     def detach(self) -> nn.Module:
         """Flush, remove zo2's wrappers and return the model; its parameters stay views of the masters
-        (offloaded blocks on the offloading device: call ``.to(device)`` to gather them)."""
+        (offloaded blocks on the offloading device: call ``.to(device)`` to gather them). Disk-offloaded
+        weights are read into host memory when they fit there, else this raises, naming
+        ``zo2.loading.save_pretrained`` (:func:`zo2.offload.disk.materialise.materialise`). The engine is
+        not stepped afterwards."""
         self.flush()
+        if self.store is not None:
+            materialise(self.store, self.units)
         self._driver.unwrap()
         return self.model
 

@@ -32,6 +32,7 @@ from transformers import PreTrainedModel
 from .config import ZOConfig
 from .distributed import role_for
 from .engine import ZOEngine
+from .loading import save_offloaded
 from .objectives import loss_hooks
 from .objectives.base import Objective
 from .result import StepResult
@@ -74,6 +75,8 @@ def _zo_init(self: nn.Module, config: ZOConfig, zo_training: bool = True) -> ZOE
 
     @functools.wraps(original_save)
     def save_pretrained(*args: Any, **kwargs: Any) -> Any:
+        if self.zo_engine.store is not None:  # disk-offloaded weights live in files: stream them out
+            return save_offloaded(self.zo_engine, *args, **kwargs)
         self.zo_engine.flush()
         return original_save(*args, **kwargs)
 

@@ -38,9 +38,10 @@ from torch import nn
 from .checkpoint import load_checkpoint
 from .config import ZOConfig
 from .engine import ZOEngine
-from .offload.disk.store import DiskOffloadError
+from .offload.disk.folder import DiskOffloadError
 from .offload.placement import WeightSource
 from .persist import compat
+from .persist.fingerprint import fingerprint, positions
 from .persist.shards import CheckpointReader, ShardError, save_sharded
 from .units.storage import Unit
 from .updates.log import UpdateLog
@@ -152,7 +153,9 @@ def from_pretrained(directory: str | os.PathLike, config: ZOConfig, *, model_cla
     (:func:`from_checkpoint` passes it)."""
     model, fill, reader = stream_model(directory, model_class=model_class, dtype=dtype)
     try:
-        engine = ZOEngine(model, config, role=role, weights=WeightSource(fill, resume=resume, base=base))
+        source = WeightSource(fill, resume=resume, base=base,
+                              fingerprint=_fingerprint(model, reader, config.torch_storage_dtype))
+        engine = ZOEngine(model, config, role=role, weights=source)
     finally:
         reader.close()
     logger.info("zo2 streamed %.2f GB from %s", reader.bytes_read / 1e9, directory)
@@ -161,6 +164,21 @@ def from_pretrained(directory: str | os.PathLike, config: ZOConfig, *, model_cla
         if engine.store.resumed:
             _resume(engine)
     return engine
+
+
+def _fingerprint(model: nn.Module, reader: CheckpointReader, dtype: torch.dtype | None) -> dict[str, Any]:
+    """The fingerprint of the checkpoint's weights as the model loads them (the parameters hold stand-ins):
+    each sample read from the file, cast to the parameter's dtype, then to ``dtype`` (the storage dtype)."""
+    names = compat.checkpoint_names(model, reader.entries)
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    samples = []
+    for name, param in model.named_parameters():
+        key = next(names[n] for n in groups[id(param)] if n in names)
+        values = reader.sample(key, positions(param.numel())).to(param.dtype)
+        samples.append((name, tuple(param.shape), values.to(dtype or values.dtype)))
+    return fingerprint(samples)
 
 
 def from_checkpoint(directory: str | os.PathLike, config: ZOConfig, *, model_class: Any = None,
@@ -173,6 +191,7 @@ def from_checkpoint(directory: str | os.PathLike, config: ZOConfig, *, model_cla
     engine = from_pretrained(directory, config, model_class=model_class, dtype="auto", resume=resume, base=log)
     if engine.store is None or not engine.store.resumed:
         engine.load_state_dict(checkpoint.state, weights_updated=True)
+    engine.base_fingerprint = checkpoint.state.get("base_fingerprint")  # the run's base, not these weights
     return engine
 
 
@@ -223,3 +242,13 @@ def save_pretrained(engine: ZOEngine, directory: str | os.PathLike) -> Path:
     shard per unit, reading one unit at a time: host memory holds one unit, whatever the model's size."""
     engine.flush()
     return save_sharded(engine.model, engine.units, engine.residency.unit_weights, directory)
+
+
+def save_offloaded(engine: ZOEngine, save_directory: str | os.PathLike, **kwargs: Any) -> Path:
+    """``model.save_pretrained(save_directory, ...)`` of a model whose engine offloads to disk (the ZO2-style
+    API, :mod:`zo2.hf`): :func:`save_pretrained`, which streams the trained weights unit by unit. Options of
+    transformers' ``save_pretrained`` other than the folder do not apply; they are logged and ignored."""
+    if kwargs:
+        logger.warning("save_pretrained of a disk-offloaded model streams safetensors shards; ignoring %s",
+                       sorted(kwargs))
+    return save_pretrained(engine, save_directory)

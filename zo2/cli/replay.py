@@ -8,6 +8,8 @@ from typing import Any
 import torch
 
 from ..checkpoint import SEED_LOG_NAME, read_seed_log, replay_seed_log
+from ..persist.manifest import CheckpointError
+from ..persist.shards import ShardError, check_files
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,11 @@ def run_replay(args: Any) -> int:
     base = Path(args.base)
     if not (base / "config.json").is_file():
         raise FileNotFoundError(f"--base {base}: not a local Hugging Face model folder (no config.json)")
+    _check_output(Path(args.output), base, Path(args.seed_log))
+    try:
+        check_files(base)
+    except ShardError as err:
+        raise CheckpointError(f"--base {err}") from None
     model_class = getattr(transformers, log.get("model_class", ""), transformers.AutoModelForCausalLM)
     dtype = getattr(torch, log.get("dtype", "float32"))
     model = model_class.from_pretrained(base, dtype=dtype, local_files_only=True)
@@ -47,3 +54,15 @@ def run_replay(args: Any) -> int:
         logger.info("no tokenizer in %s; saved the model only", base)
     logger.info("applied %d updates to %s; saved the model to %s", len(log["updates"]), base, args.output)
     return 0
+
+
+def _check_output(output: Path, base: Path, seed_log: Path) -> None:
+    """Refuse an ``--output`` that is, holds or lies inside ``--base``, or is the seed log or its folder:
+    saving there would overwrite or mix with the inputs (the base could not be replayed onto again)."""
+    out, base_path, log_path = output.resolve(), base.resolve(), seed_log.resolve()
+    if out == base_path or base_path in out.parents or out in base_path.parents:
+        raise CheckpointError(f"--output {output} is, holds or lies inside --base {base}: replaying would write over "
+                              "the base model; choose an --output folder outside it")
+    if out in (log_path, log_path.parent):
+        raise CheckpointError(f"--output {output} is the seed log's folder ({seed_log}): saving there would write "
+                              "over the checkpoint; choose another --output folder")

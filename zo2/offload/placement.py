@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -49,6 +49,9 @@ class WeightSource:
     base: UpdateLog | None = None
     """The updates these weights already hold (a checkpoint saved after training), so that disk files
     built from them are labelled with their steps (:mod:`zo2.offload.disk.store`)."""
+    fingerprint: dict[str, Any] | None = None
+    """The fingerprint of the weights the run started from (:mod:`zo2.persist.fingerprint`), read from the
+    checkpoint (the parameters hold stand-ins)."""
 
 
 def unit_params(partition: Partition) -> list[tuple[str, list[nn.Parameter]]]:

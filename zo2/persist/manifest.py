@@ -69,6 +69,8 @@ def verify_manifest(directory: str | Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise CheckpointError(f"{directory / MANIFEST_NAME}: not a zo2 manifest")
     for name, entry in manifest["files"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("size"), int) or "sha256" not in entry:
+            raise CheckpointError(f"{directory / MANIFEST_NAME}: damaged (the entry of {name} has no size or sha256)")
         path = directory / name
         if not path.is_file():
             raise CheckpointError(f"{directory}: file {name} listed in the manifest is missing")

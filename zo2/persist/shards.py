@@ -61,11 +61,13 @@ def _as_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def read_header(path: Path) -> dict[str, TensorEntry]:
-    """The tensors of one safetensors file."""
+    """The tensors of one safetensors file; a file shorter than its header says (cut short) is refused."""
+    size = path.stat().st_size
     with open(path, "rb") as handle:
         raw = handle.read(8)
-        if len(raw) != 8:
-            raise ShardError(f"{path}: not a safetensors file (shorter than its header length)")
+        if len(raw) != 8 or 8 + struct.unpack("<Q", raw)[0] > size:
+            raise ShardError(f"{path}: not a whole safetensors file ({size} bytes: shorter than its header); "
+                             "the file was cut short: copy or download it again")
         (length,) = struct.unpack("<Q", raw)
         try:
             header = json.loads(handle.read(length))
@@ -79,7 +81,18 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
             raise ShardError(f"{path}: tensor {name} has dtype {info['dtype']}, which zo2 cannot read")
         begin, end = info["data_offsets"]
         entries[name] = TensorEntry(path, DTYPES[info["dtype"]], tuple(info["shape"]), 8 + length + begin, end - begin)
+    expected = max((e.offset + e.nbytes for e in entries.values()), default=8 + length)
+    if size < expected:
+        raise ShardError(f"{path}: truncated ({size} of the {expected} bytes its header describes): the file was "
+                         "cut short (an interrupted download, copy or save); copy or download it again")
     return entries
+
+
+def check_files(directory: str | os.PathLike) -> None:
+    """Check, by their headers and sizes only (fast), that the safetensors files of a Hugging Face folder are
+    whole; raise :class:`ShardError` naming the first one that is not."""
+    for path in checkpoint_files(directory):
+        read_header(path)
 
 
 def checkpoint_files(directory: str | os.PathLike) -> list[Path]:
@@ -145,6 +158,15 @@ class CheckpointReader:
         if hasattr(os, "posix_fadvise"):  # a load reads each byte once: keep the page cache from growing
             os.posix_fadvise(fd, entry.offset, entry.nbytes, os.POSIX_FADV_DONTNEED)
         self.bytes_read += entry.nbytes
+
+    def sample(self, name: str, positions: list[int]) -> torch.Tensor:
+        """The elements of tensor ``name`` at flat ``positions``, in its stored dtype (a few small reads)."""
+        entry, fd = self.entries[name], self._fd(self.entries[name].path)
+        size = entry.dtype.itemsize
+        raw = b"".join(os.pread(fd, size, entry.offset + position * size) for position in positions)
+        if len(raw) != size * len(positions):
+            raise ShardError(f"{entry.path}: truncated inside tensor {name}")
+        return torch.frombuffer(bytearray(raw), dtype=entry.dtype) if raw else torch.empty(0, dtype=entry.dtype)
 
     def close(self) -> None:
         for fd in self._fds.values():

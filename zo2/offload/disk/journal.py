@@ -3,7 +3,8 @@
 Written ahead: a step's line is appended and fsynced before any master file that holds the step is
 renamed into place (:meth:`zo2.offload.disk.store.DiskStore.write`), so after a crash the journal covers every file
 and the steps a file lacks are replayed from it. A line a crash cut short is the last one; it is
-dropped (and the file truncated there) when the journal is opened again.
+dropped (and the file truncated there) when the journal is opened again; any other line that does not
+parse is damage, and opening the journal fails naming it (never a fresh start over trained steps).
 """
 from __future__ import annotations
 
@@ -41,23 +42,25 @@ class Journal:
         return len(self._updates) // self.updates_per_step
 
     def _read(self) -> bool:
-        """Load the steps of an existing journal; False if it has no complete header line."""
-        good = 0  # bytes of complete lines
+        """Load the steps of an existing journal; False if it is empty. Only a last line without its newline
+        (a crash cut it short) is dropped; any other line that does not parse is damage: an error."""
         with open(self.path, "rb") as handle:
             data = handle.read()
         lines = data.split(b"\n")
         for number, line in enumerate(lines[:-1]):  # the part after the last newline is incomplete
             try:
                 item = json.loads(line)
-            except json.JSONDecodeError:
-                break
+            except (ValueError, UnicodeDecodeError):
+                raise HistoryError(f"{self.path} is damaged: line {number + 1} is not valid JSON; the steps after "
+                                   "it cannot be replayed") from None
             if number == 0:
                 self._check_header(item)
             elif item.get("step") != self.steps or len(item.get("updates", ())) != self.updates_per_step:
-                break
+                raise HistoryError(f"{self.path} is damaged: line {number + 1} is not step {self.steps} with "
+                                   f"{self.updates_per_step} updates")
             else:
                 self._updates.extend(Update.from_json(u) for u in item["updates"])
-            good += len(line) + 1
+        good = len(data) - len(lines[-1])  # bytes of complete lines
         if good < len(data):
             logger.info("zo2 journal %s: dropping an incomplete last line (the run stopped while writing it)", self.path)
             os.truncate(self.path, good)
@@ -65,7 +68,7 @@ class Journal:
 
     def _check_header(self, header: dict) -> None:
         if header.get("format") != _FORMAT:
-            raise HistoryError(f"{self.path}: not a zo2 offload journal")
+            raise HistoryError(f"{self.path} is damaged: its first line is not a zo2 offload journal header")
         if header.get("updates_per_step") != self.updates_per_step or header.get("generator") != self.generator:
             raise HistoryError(f"{self.path} was written with {header.get('updates_per_step')} updates per step and "
                                f"noise generator {header.get('generator')}; this run has {self.updates_per_step} and "

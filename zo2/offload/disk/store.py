@@ -5,8 +5,21 @@
     store.json               what it holds: every stored unit (name, dtype, size) and the run's noise settings
     journal.jsonl            the update log, one step per line (:class:`zo2.offload.disk.journal.Journal`)
     unit-00003-master.zo2    one file per stored buffer: a 4 KiB header (JSON: unit, buffer, dtype, numel,
-                             applied steps), then the data, padded to a multiple of 4 KiB
+                             applied steps, the crc32 of each 16 MiB piece of the data), then the data, padded
+                             to a multiple of 4 KiB
+    base.json                digests of the units kept outside the folder (:mod:`zo2.loading`)
     lock                     held (``flock``) by the one process using the folder
+
+Ownership: ``store.json`` is written first and is the folder's marker (it names the run: a random id, the
+host and process that created it). zo2 refuses a folder holding files it did not write, refuses to start
+over in a folder whose journal holds trained steps unless told to resume, and deletes only the names above
+(:func:`zo2.offload.disk.folder.clear_folder`). The lock is an OS lock (``flock``): the kernel releases it when the process dies,
+so a crashed run never leaves the folder locked.
+
+Integrity: every unit file's header holds the crc32 of each piece of its data, computed by the threads
+that read or write the pieces (so it overlaps the I/O) and checked on every read; a damaged
+``store.json`` or journal, a unit whose checksum does not match or a unit file that disappeared stops
+the run with a :class:`DiskOffloadError` naming the file (docs/guides/disk-offload.md#damage-and-recovery).
 
 A file is keyed by (unit index, buffer name): a unit's trainable master is ``"master"``; a unit may
 store other buffers beside it (e.g. an upload-only frozen part, written once and never written back).
@@ -24,13 +37,14 @@ holds zo2's own buffers only: the staging buffers (or slots) and the resident un
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import logging
 import os
-import shutil
+import socket
 import threading
+import uuid
 import weakref
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +57,9 @@ from ...config import ZOConfig
 from ...persist.durable import replace_file, write_json
 from ...units.storage import Unit, build_unit
 from ...updates import noise
-from ...updates.log import UpdateLog
+from ...updates.log import HistoryError, UpdateLog
 from .aligned import ALIGN, aligned_empty, padded, typed
+from .folder import JOURNAL_NAME, STORE_NAME, DiskOffloadError, check_folder, delete_owned, lock_folder, refuse_foreign
 from .journal import Journal
 
 logger = logging.getLogger(__name__)
@@ -52,14 +67,11 @@ logger = logging.getLogger(__name__)
 HEADER_BYTES = ALIGN
 _MAGIC = b"ZO2UNIT1"
 _FORMAT = "zo2-offload"
-_VERSION = 1
+_VERSION = 2  # 2: unit headers carry the crc32 of their data
 MASTER = "master"
 """Buffer name of a unit's trainable master weights."""
 _SPACE_ERRORS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-
-
-class DiskOffloadError(RuntimeError):
-    """The offload folder cannot be used (missing, read-only, full, locked, or not this run's)."""
+_RECOVERY = "see docs/guides/disk-offload.md#damage-and-recovery"
 
 
 def placeholder(numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -88,32 +100,6 @@ class StoredBuffer:
 
     def describe(self) -> list:
         return [self.unit, self.name, self.unit_name, str(self.dtype).replace("torch.", ""), self.numel]
-
-
-def check_folder(directory: str | os.PathLike, needed_bytes: int) -> Path:
-    """Check, before anything is written, that ``directory`` exists, is writable and has room for
-    ``needed_bytes``; raise :class:`DiskOffloadError` saying what to fix otherwise."""
-    path = Path(directory)
-    if not path.exists():
-        raise DiskOffloadError(f"ZOConfig.offload_dir={str(directory)!r} does not exist: create it (mkdir -p) on a "
-                               f"fast local disk with at least {needed_bytes / 1e9:.2f} GB free, or point "
-                               "offload_dir at an existing folder")
-    if not path.is_dir():
-        raise DiskOffloadError(f"ZOConfig.offload_dir={str(directory)!r} is not a folder")
-    probe = path / f".zo2-probe-{os.getpid()}"
-    try:
-        with open(probe, "wb") as handle:
-            handle.write(b"\0")
-    except OSError as err:
-        raise DiskOffloadError(f"cannot write to ZOConfig.offload_dir={str(directory)!r} ({err}): disk offload "
-                               "writes every offloaded block there; choose a writable folder") from None
-    probe.unlink()
-    free = shutil.disk_usage(path).free
-    if free < needed_bytes:
-        raise DiskOffloadError(f"ZOConfig.offload_dir={str(directory)!r} has {free / 1e9:.2f} GB free, disk offload "
-                               f"needs {needed_bytes / 1e9:.2f} GB (every offloaded block, plus room to rewrite the "
-                               "largest one): free some space or choose another folder")
-    return path
 
 
 def _direct_io_works(directory: Path) -> bool:
@@ -148,8 +134,9 @@ class DiskStore:
         largest = max((padded(b.nbytes) for b in buffers), default=0)
         needed = sum(HEADER_BYTES + padded(b.nbytes) for b in buffers) + HEADER_BYTES + largest
         self.directory = check_folder(directory, needed - (self._existing_bytes(directory) if resume else 0))
-        self._lock = self._take_lock()
+        self._lock = lock_folder(self.directory)
         self._closer = weakref.finalize(self, os.close, self._lock)  # a collected store frees its folder
+        refuse_foreign(self.directory)
         self._io_lock = threading.Lock()  # the I/O thread and the main thread (read_tensor) share the header
         self.direct = _direct_io_works(self.directory) if direct is None else direct
         if direct and not _direct_io_works(self.directory):
@@ -160,12 +147,12 @@ class DiskStore:
                        "buffers": [b.describe() for b in buffers]}
         self.base_steps = description["base_steps"]
         """Steps the weights the units were built from already held (a checkpoint saved after training)."""
-        self.resumed = resume and self._matches(description)
-        if not self.resumed:
-            self._clear()
-            self.write_json("store.json", description)
-        self.journal = Journal(self.directory / "journal.jsonl", updates_per_step, run.get("generator", 0),
-                               resume=self.resumed)
+        self.resumed = self._open_run(description, resume, base)
+        try:
+            self.journal = Journal(self.directory / JOURNAL_NAME, updates_per_step, run.get("generator", 0),
+                                   resume=self.resumed)
+        except HistoryError as err:
+            raise DiskOffloadError(f"{err}; {_RECOVERY}") from None
         self._header = aligned_empty(HEADER_BYTES)
         self._applied: dict[tuple[int, str], int] = {}
         """Steps each file holds, for the files that exist."""
@@ -182,31 +169,70 @@ class DiskStore:
         path = Path(directory)
         return sum(f.stat().st_size for f in path.glob("unit-*.zo2")) if path.is_dir() else 0
 
-    def _take_lock(self) -> int:
-        fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise DiskOffloadError(f"ZOConfig.offload_dir={str(self.directory)!r} is in use by another zo2 engine: "
-                                   "give every engine (and every process) its own offload folder") from None
-        return fd
+    def _open_run(self, description: dict, resume: bool, base: UpdateLog | None) -> bool:
+        """Whether the folder's run is continued (``resume`` and it is this run); else start afresh, which is
+        refused when the folder holds trained steps or a damaged store.json (nothing is deleted then)."""
+        saved = self._saved()
+        if saved is not None and resume:
+            self._check_same_run(saved, description)
+            return True
+        lost = self._trained_steps(saved, base) if saved is not None else 0
+        if lost:
+            raise DiskOffloadError(f"ZOConfig.offload_dir={str(self.directory)!r} holds a run with "
+                                   f"{lost} trained steps: pass resume=True to continue it "
+                                   "(zo2.loading.from_pretrained(..., resume=True)), or start over in another folder "
+                                   "or after zo2.offload.disk.folder.clear_folder(offload_dir) deletes its files")
+        delete_owned(self.directory)
+        owner = {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
+        self.write_json(STORE_NAME, {**description, "owner": owner})
+        return False
 
-    def _matches(self, description: dict) -> bool:
+    def _saved(self) -> dict | None:
+        """The folder's store.json (None when the folder holds no run); a damaged one is an error."""
+        path = self.directory / STORE_NAME
         try:
-            saved = json.loads((self.directory / "store.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return False
-        if saved != json.loads(json.dumps(description)):
+            saved = json.loads(path.read_text())
+            if not isinstance(saved, dict) or saved.get("format") != _FORMAT:
+                raise ValueError("not a zo2 offload description")
+            return saved
+        except FileNotFoundError:
+            leftovers = [p.name for p in self.directory.glob("unit-*.zo2")] + \
+                [JOURNAL_NAME] * (self.directory / JOURNAL_NAME).exists()
+            if not leftovers:
+                return None
+            raise DiskOffloadError(f"{path} is missing but the folder holds {', '.join(sorted(leftovers)[:3])}: "
+                                   f"the run's description was deleted; {_RECOVERY}") from None
+        except (ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError
+            raise DiskOffloadError(f"{path} is damaged ({err}): the folder's unit files cannot be trusted without "
+                                   "it, and zo2 will not start over on top of them. Resume from your newest checkpoint "
+                                   "with a fresh offload_dir, or delete the folder's files with "
+                                   f"zo2.offload.disk.folder.clear_folder; {_RECOVERY}") from None
+
+    def _check_same_run(self, saved: dict, description: dict) -> None:
+        if saved.get("version") != _VERSION:
+            raise DiskOffloadError(f"{self.directory / STORE_NAME} was written by another zo2 version (offload format "
+                                   f"{saved.get('version')}, this one reads {_VERSION}): resume from a checkpoint "
+                                   "with a fresh offload_dir")
+        if {k: v for k, v in saved.items() if k != "owner"} != json.loads(json.dumps(description)):
             raise DiskOffloadError(f"{self.directory} holds another run's masters (store.json differs: other units, "
-                                   "dtype or noise settings); resume with the run's own config, or use resume=False "
-                                   "(or another folder) to start over")
-        return True
+                                   "dtype or noise settings); resume with the run's own config, or use another "
+                                   "folder to start over")
 
-    def _clear(self) -> None:
-        for pattern in ("unit-*.zo2", "unit-*.tmp", "journal.jsonl", "*.json"):
-            for stale in self.directory.glob(pattern):
-                stale.unlink()
+    def _trained_steps(self, saved: dict, base: UpdateLog | None) -> int:
+        """Steps the journal holds beyond its run's base that starting over from ``base`` would lose (none
+        when ``base`` begins with every step of the journal: a restart from a later checkpoint of the run)."""
+        try:
+            lines = (self.directory / JOURNAL_NAME).read_bytes().split(b"\n")[1:-1]
+        except FileNotFoundError:
+            return 0
+        try:
+            if base is not None and len(lines) <= base.steps and all(
+                    json.loads(line)["updates"] == [u.to_json() for u in base.step_updates(step)]
+                    for step, line in enumerate(lines)):
+                return 0
+        except (ValueError, KeyError, TypeError):
+            pass  # a damaged line: its steps count as trained
+        return max(0, len(lines) - int(saved.get("base_steps", 0)))
 
     def read_json(self, name: str) -> Any:
         """A JSON file of the folder (None if missing)."""
@@ -239,16 +265,21 @@ class DiskStore:
         if not self.direct and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
-    def _header_for(self, key: tuple[int, str], applied: int) -> dict:
+    def _header_for(self, key: tuple[int, str], applied: int, crc32: list[int] | None) -> dict:
         stored = self.buffers[key]
         return {"unit": stored.unit, "buffer": stored.name, "name": stored.unit_name,
-                "dtype": str(stored.dtype).replace("torch.", ""), "numel": stored.numel, "applied": applied}
+                "dtype": str(stored.dtype).replace("torch.", ""), "numel": stored.numel, "applied": applied,
+                "crc32": crc32}
 
     def _parse_header(self, path: Path, raw: memoryview) -> dict:
         if bytes(raw[:len(_MAGIC)]) != _MAGIC:
-            raise DiskOffloadError(f"{path}: not a zo2 offload file (bad magic): the folder was modified outside zo2")
+            raise DiskOffloadError(f"{path}: not a zo2 offload file (bad magic): the file is damaged or was modified "
+                                   f"outside zo2; {_RECOVERY}")
         text = bytes(raw[len(_MAGIC):]).rstrip(b"\0")
-        return json.loads(text)
+        try:
+            return json.loads(text)
+        except (ValueError, UnicodeDecodeError):
+            raise DiskOffloadError(f"{path}: its header is damaged (not valid JSON); {_RECOVERY}") from None
 
     def read(self, unit: int, buffer: torch.Tensor, expected: int | None = None, name: str = MASTER) -> None:
         """Fill ``buffer`` (uint8, aligned, at least ``padded`` bytes) with the stored data; check that the
@@ -260,15 +291,19 @@ class DiskStore:
         key, path = (unit, name), self.path(unit, name)
         stored = self.buffers[key]
         size = padded(stored.nbytes)
-        fd = self._open(path, os.O_RDONLY)
+        try:
+            fd = self._open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise DiskOffloadError(f"{path} (unit {stored.unit_name}) is missing: it was deleted while the run used "
+                                   f"the folder, and the unit's weights exist nowhere else; {_RECOVERY}") from None
         try:
             if not self.direct and hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger read-ahead window
-            if self.direct:  # no kernel read-ahead: keep several requests in flight ourselves
-                _pread_whole(fd, [_raw(self._header)], 0, path)
-                _pread_concurrently(fd, _raw(buffer[:size]), HEADER_BYTES, path)
-            else:
-                _pread_whole(fd, [_raw(self._header), _raw(buffer[:size])], 0, path)
+            _pread_whole(fd, [_raw(self._header)], 0, path)
+            # O_DIRECT has no kernel read-ahead: several requests in flight, each piece's crc32 computed by the
+            # thread that read it; through the page cache: one sequential reader, the crc32s computed behind it
+            read = _pread_concurrently if self.direct else _pread_sequentially
+            crcs = read(fd, _raw(buffer[:size]), HEADER_BYTES, path)
             self._drop_cache(fd)
         finally:
             os.close(fd)
@@ -278,6 +313,10 @@ class DiskStore:
                                    "the folder was modified outside this engine, or a state was loaded with "
                                    "weights_updated=True into an engine whose weights do not hold it (build it with "
                                    "zo2.loading.from_checkpoint instead)")
+        if crcs != header.get("crc32"):
+            raise DiskOffloadError(f"{path} (unit {stored.unit_name}) is damaged: its data does not match the crc32 "
+                                   "in its header (a disk error, or the file was changed outside zo2): its weights "
+                                   f"cannot be trusted; {_RECOVERY}")
         self.bytes_read += stored.nbytes
 
     def write(self, unit: int, buffer: torch.Tensor, applied: int, steps: Sequence[Sequence] = (),
@@ -292,19 +331,16 @@ class DiskStore:
         key, path = (unit, name), self.path(unit, name)
         stored = self.buffers[key]
         self.journal.extend(steps)
-        header = json.dumps(self._header_for(key, applied)).encode()
-        self._header.zero_()
-        _raw(self._header)[:len(_MAGIC) + len(header)] = _MAGIC + header
+        data = _raw(buffer[:padded(stored.nbytes)])
         tmp = path.with_suffix(".tmp")
         try:
             fd = self._open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             try:
-                views, done, total = [_raw(self._header), _raw(buffer[:padded(stored.nbytes)])], 0, 0
-                total = HEADER_BYTES + padded(stored.nbytes)
-                while done < total:
-                    count = os.pwritev(fd, views, done)
-                    done += count
-                    views = _remaining(views, count)
+                crcs = _pwrite_with_crcs(fd, data, HEADER_BYTES)
+                header = json.dumps(self._header_for(key, applied, crcs)).encode()
+                self._header.zero_()
+                _raw(self._header)[:len(_MAGIC) + len(header)] = _MAGIC + header
+                _pwrite_whole(fd, [_raw(self._header)], 0)
                 os.fdatasync(fd)
                 self._drop_cache(fd)
             finally:
@@ -336,7 +372,7 @@ class DiskStore:
             except FileNotFoundError:
                 continue
             header = self._parse_header(path, memoryview(raw))
-            if header != self._header_for(key, header.get("applied", -1)):
+            if header != self._header_for(key, header.get("applied", -1), header.get("crc32")):
                 raise DiskOffloadError(f"{path}: its header {header} does not match store.json")
             if header["applied"] > self.journal.steps:
                 raise DiskOffloadError(f"{path} holds {header['applied']} steps but the journal only "
@@ -412,6 +448,7 @@ def _keep(param: nn.Parameter, view: torch.Tensor) -> None:
 #: one 256 MiB request, against 1.9 GB/s through the page cache, whose read-ahead overlaps requests).
 _READ_PIECE = 16 << 20
 _READ_DEPTH = 4
+_MAX_PIECES = 256  # crc32s a unit header holds (a 4 KiB header: about 11 bytes each)
 
 
 def _pread_whole(fd: int, views: list[memoryview], offset: int, path: Path) -> None:
@@ -425,16 +462,57 @@ def _pread_whole(fd: int, views: list[memoryview], offset: int, path: Path) -> N
         views = _remaining(views, count)
 
 
-def _pread_concurrently(fd: int, view: memoryview, offset: int, path: Path) -> None:
-    """Fill ``view`` from ``fd`` at ``offset`` in aligned pieces read by a few threads (``os.preadv``
-    releases the GIL), so the device sees a queue of requests."""
-    pieces = [(start, view[start:start + _READ_PIECE]) for start in range(0, len(view), _READ_PIECE)]
+def _pieces(view: memoryview) -> list[tuple[int, memoryview]]:
+    """``view`` cut into the pieces read concurrently and checksummed one by one: :data:`_READ_PIECE` bytes,
+    more for a unit over 4 GiB, so that its list of crc32s (at most :data:`_MAX_PIECES`) fits the header."""
+    size = max(_READ_PIECE, padded(-(-len(view) // _MAX_PIECES)))
+    return [(start, view[start:start + size]) for start in range(0, len(view), size)]
+
+
+def _pread_concurrently(fd: int, view: memoryview, offset: int, path: Path) -> list[int]:
+    """Fill ``view`` from ``fd`` at ``offset`` in aligned pieces read by a few threads (``os.preadv`` and
+    ``zlib.crc32`` release the GIL), so the device sees a queue of requests; returns each piece's crc32."""
+    def read(start: int, piece: memoryview) -> int:
+        _pread_whole(fd, [piece], offset + start, path)
+        return zlib.crc32(piece)
+
+    pieces = _pieces(view)
     if len(pieces) == 1:
-        _pread_whole(fd, [view], offset, path)
-        return
+        return [read(*pieces[0])]
     with ThreadPoolExecutor(max_workers=_READ_DEPTH, thread_name_prefix="zo2-read") as pool:
-        for future in [pool.submit(_pread_whole, fd, [piece], offset + start, path) for start, piece in pieces]:
-            future.result()
+        return [future.result() for future in [pool.submit(read, start, piece) for start, piece in pieces]]
+
+
+def _pread_sequentially(fd: int, view: memoryview, offset: int, path: Path) -> list[int]:
+    """Fill ``view`` from ``fd`` at ``offset`` piece after piece (the kernel's read-ahead keeps the device
+    busy), another thread computing the crc32 of each piece read while the next one is read; the crcs."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zo2-crc") as pool:
+        futures = []
+        for start, piece in _pieces(view):
+            _pread_whole(fd, [piece], offset + start, path)
+            futures.append(pool.submit(zlib.crc32, piece))
+        return [future.result() for future in futures]
+
+
+def _pwrite_whole(fd: int, views: list[memoryview], offset: int) -> None:
+    """Write ``views`` to ``fd`` at ``offset``, looping over short writes."""
+    done, total = 0, sum(len(v) for v in views)
+    while done < total:
+        count = os.pwritev(fd, views, offset + done)
+        done += count
+        views = _remaining(views, count)
+
+
+def _pwrite_with_crcs(fd: int, view: memoryview, offset: int) -> list[int]:
+    """Write ``view`` at ``offset`` while other threads compute the crc32 of each of its pieces; the crcs."""
+    pieces = _pieces(view)
+    if len(pieces) == 1:
+        _pwrite_whole(fd, [view], offset)
+        return [zlib.crc32(view)]
+    with ThreadPoolExecutor(max_workers=_READ_DEPTH, thread_name_prefix="zo2-crc") as pool:
+        futures = [pool.submit(zlib.crc32, piece) for _, piece in pieces]
+        _pwrite_whole(fd, [view], offset)
+        return [future.result() for future in futures]
 
 
 def _remaining(views: list[memoryview], count: int) -> list[memoryview]:
