@@ -43,7 +43,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_intact_one(model_dir: Pat
     assert cli.main([*common, "--output-dir", str(out), "--resume"]) == 0
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "damaged" in r.getMessage()]
     assert len(warned) == 1 and str(manifest) in warned[0] and warned[0].endswith(
-        f"resuming from the newest intact one, {out / 'checkpoints' / 'step-000003'}")
+        f"falling back to the newest intact one, {out / 'checkpoints' / 'step-000003'}")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from"] == str(out / "checkpoints" / "step-000003") and summary["steps"] == 5
     assert load_checkpoint(out / "checkpoints" / "step-000004").step == 4  # redone and whole again

@@ -13,7 +13,7 @@ import torch
 from ...adapters import describe as describe_adapter
 from ...adapters import load_trained
 from ...adapters import wrap as add_adapter
-from ...checkpoint import Checkpoint, load_checkpoint
+from ...checkpoint import Checkpoint, find_intact_checkpoint
 from ...config import ZOConfig
 from ...persist.manifest import CheckpointError
 from ...tasks import TaskError
@@ -29,35 +29,19 @@ from .summary import build_summary
 logger = logging.getLogger(__name__)
 
 
-def _step_of(folder: Path) -> int:
-    suffix = folder.name.removeprefix("step-")
-    return int(suffix) if suffix.isdigit() else -1
-
-
 def latest_resumable(output_dir: Path) -> Checkpoint | None:
     """The newest intact checkpoint under ``output_dir/checkpoints`` (loaded and verified), or None when
     there is none. Damaged state is never a fresh start: damaged checkpoints (a manifest or state that
     does not parse, a file missing or differing from its checksum) are skipped with a warning naming each
-    and the newest intact one is used; when every checkpoint is damaged, CheckpointError names them and
-    the ways forward."""
+    (:func:`zo2.checkpoint.find_intact_checkpoint`) and the newest intact one is used; when every checkpoint
+    is damaged, CheckpointError names them and the ways forward."""
     folder = output_dir / "checkpoints"
-    candidates = sorted((p for p in folder.glob("step-*") if p.is_dir()), key=_step_of, reverse=True) \
-        if folder.is_dir() else []
-    damaged = []
-    for path in candidates:
-        try:
-            checkpoint = load_checkpoint(path)
-        except CheckpointError as err:
-            damaged.append(str(err))
-            continue
-        if damaged:
-            logger.warning("--resume: skipping damaged checkpoints (%s); resuming from the newest intact one, %s",
-                           "; ".join(damaged), path)
-        return checkpoint
-    if damaged:
-        raise CheckpointError(f"--resume: no intact checkpoint in {folder}: {'; '.join(damaged)}. Restore the "
-                              "files from a copy, or pass --overwrite to start afresh")
-    return None
+    search = find_intact_checkpoint(folder)
+    if search.checkpoint is None and search.damaged:
+        raise CheckpointError(f"--resume: no intact checkpoint in {folder}: "
+                              f"{'; '.join(reason for _, reason in search.damaged)}. Restore the files from a "
+                              "copy, or pass --overwrite to start afresh")
+    return search.checkpoint
 
 
 def _train_and_evaluate(job: Run, fresh: bool) -> str:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import modeling_utils
 
-from ...checkpoint import Checkpoint, save_checkpoint
+from ...checkpoint import Checkpoint, prune_checkpoints, save_checkpoint
 from ...config import ZOConfig
 from ...engine import ZOEngine
 from ...objectives.classification import candidate_cross_entropy
@@ -325,10 +325,12 @@ class Run:
             else:
                 save_model_folder(self.model, self.tokenizer, path)
         self.latest, self._latest_records = path, (self.step, len(self.evals))
-        # only older ones: a newer folder is a damaged checkpoint --resume skipped, replaced when its step comes
-        older = sorted(p for p in folder.glob("step-*") if p.is_dir() and p.name < path.name)
-        for old in older[:max(0, len(older) - self.args.save_total_limit + 1)]:
-            shutil.rmtree(old, ignore_errors=True)
+        if self.engine is not None:  # a damaged checkpoint never counts, so no intact one goes for it
+            prune_checkpoints(folder, self.args.save_total_limit)
+        else:  # plain model folders (no manifest): only older ones, the newest --save-total-limit kept
+            older = sorted(p for p in folder.glob("step-*") if p.is_dir() and p.name < path.name)
+            for old in older[:max(0, len(older) - self.args.save_total_limit + 1)]:
+                shutil.rmtree(old, ignore_errors=True)
         return path
 
     def save_best(self) -> None:
