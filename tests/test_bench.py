@@ -1,9 +1,13 @@
-"""The benchmark a GPU session relies on runs end to end (tiny shape on CPU; no timing is asserted)."""
+"""The benchmarks run end to end on tiny shapes (CPU; no timing is asserted): the GPU session's step benchmark
+and the convergence harness (its row checks, paired gains and equal wall-clock budget)."""
+import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).parent.parent
 
@@ -24,3 +28,55 @@ def test_bench_writes_rows_with_floors_for_every_mode(tmp_path):
     assert rows[3]["resident_blocks"] == 4  # a 1 GB budget holds the tiny model whole
     assert (tmp_path / "results.md").read_text().count("| tiny") == 4
     assert (tmp_path / "budget.png").stat().st_size > 0
+
+
+@pytest.fixture
+def convergence(monkeypatch):
+    """bench/convergence.py as a module (its siblings import by bare name, as when run as a script)."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    return importlib.import_module("convergence")
+
+
+def test_convergence_harness_pairs_gains_and_gives_first_order_the_reference_wall_clock(convergence, model_dir,
+                                                                                         tmp_path):
+    """A tiny model through the hand-grid row and the equal-wall-clock AdamW row, two seeds: the grid keeps
+    the lr with the best validation score, a ZO run takes budget // 2 MeZO steps, AdamW stops at the first
+    step whose measured seconds reach the median of the reference seeds' summed step seconds, and every
+    gain in the table is the paired gain of the stored per-example scores (seed means) over zero-shot."""
+    from convergence_report import seed_mean
+    from convergence_rows import REFERENCE, equal_wall_clock_seconds
+
+    from zo2.tasks.scoring import paired_gain
+    convergence.main(["--rows", REFERENCE, "first-order AdamW @ equal wall-clock", "--datasets", "rotten-tomatoes",
+                      "--seeds", "0", "1", "--forward-passes", "6", "--search-fraction", "0.5", "--eval-points", "2",
+                      "--batch-size", "4", "--max-length", "24", "--train-examples", "32", "--val-examples", "8",
+                      "--eval-examples", "12", "--model", str(model_dir), "--out", str(tmp_path)])
+    dataset = json.loads((tmp_path / "results.json").read_text())["datasets"]["rotten-tomatoes"]
+    grid, reference = dataset["rows"][REFERENCE]["grid"], dataset["rows"][REFERENCE]["runs"]
+    assert [t["lr"] for t in grid["trials"]] == [3e-6, 1e-5, 3e-5, 1e-4]
+    assert grid["lr"] == max(grid["trials"], key=lambda t: (t["accuracy"], -t["loss"]))["lr"]
+    assert [(r["seed"], r["steps"], r["lr"]) for r in reference] == [(0, 3, repr(grid["lr"])), (1, 3, repr(grid["lr"]))]
+    assert all(r["forward_passes"] >= 6 for r in reference)  # 3 two-part walks (+ the walk's calibration rows)
+    first_order = dataset["rows"]["first-order AdamW @ equal wall-clock"]["runs"]
+    budget = equal_wall_clock_seconds(reference)
+    for run in first_order:
+        assert run["budget_seconds"] == budget
+        assert sum(run["step_seconds"][:-1]) < budget <= sum(run["step_seconds"]) == run["train_seconds"]
+    zero = dataset["zero_shot"]["per_example"]
+    table = (tmp_path / "table.md").read_text()
+    for name, entry in dataset["rows"].items():
+        gain = paired_gain(zero, seed_mean(entry["runs"]))
+        assert f"| {100 * gain.gain:+.2f} ± {100 * gain.se:.2f} |" in table.split(f"| {name} |")[1].splitlines()[0]
+
+
+def test_convergence_rows_the_installed_zo2_lacks_stop_before_training(convergence):
+    from convergence_rows import check_row, select_rows
+
+    with pytest.raises(SystemExit, match="no_such_option"):
+        check_row("future", {"config": {"method": "mezo-sgd", "lr": 1e-5, "no_such_option": 1}})
+    with pytest.raises(SystemExit, match="refuses its config"):
+        check_row("bad", {"config": {"method": "mezo-sgd", "lr": -1.0}})
+    with pytest.raises(SystemExit, match="list that row before it"):
+        select_rows(["first-order AdamW @ equal wall-clock"])
+    with pytest.raises(SystemExit, match="unknown rows"):
+        select_rows(["no such row"])
