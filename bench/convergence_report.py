@@ -6,12 +6,14 @@ standard error over the examples (a 95% interval is about +- 2 SE).
 """
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import statistics
 from pathlib import Path
 from typing import Any
 
-from convergence_rows import REFERENCE
+from convergence_rows import LR_GRID, REFERENCE
 
 from zo2.tasks.scoring import PairedGain, paired_gain
 
@@ -95,3 +97,82 @@ def plot(results: dict[str, Any], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def lr_table(results: dict[str, Any]) -> str:
+    """The lr sweep as one table: a line per (method, lr), a gain column per dataset (points ± paired SE
+    over zero-shot, seed 0 alone when the sweep ran one seed)."""
+    names = list(results["datasets"])
+    cells: dict[tuple[str, float], dict[str, str]] = {}
+    for dataset_name, dataset in results["datasets"].items():
+        for method, found in _sweep_points(dataset).items():
+            for lr, gain in found:
+                cells.setdefault((method, lr), {})[dataset_name] = _gain(gain)
+    lines = ["| method | lr | " + " | ".join(f"{n} gain (points ± paired SE)" for n in names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for (method, lr), gains in sorted(cells.items()):
+        lines.append(f"| {method} | {lr:g} | " + " | ".join(gains.get(n, "not run") for n in names) + " |")
+    return "\n".join(lines)
+
+
+def _sweep_points(dataset: dict[str, Any]) -> dict[str, list[tuple[float, PairedGain]]]:
+    """Per method, (lr, gain over zero-shot) of each fixed-lr row of the sweep, by lr."""
+    zero, points = dataset["zero_shot"]["per_example"], {}
+    for entry in dataset["rows"].values():
+        config = entry["row"].get("config")
+        if config and "grid" not in entry["row"] and isinstance(config.get("lr"), float):
+            points.setdefault(config["method"], []).append((config["lr"], paired_gain(zero, seed_mean(entry["runs"]))))
+    return {method: sorted(found) for method, found in points.items()}
+
+
+def lr_plot(results: dict[str, Any], path: Path) -> None:
+    """Gain over zero-shot (± 2 paired SE) against lr / the centre of the method's grid, one panel per dataset."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["datasets"])
+    figure, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.2), squeeze=False, sharey=True)
+    for axis, name in zip(axes[0], names):
+        for offset, (method, found) in enumerate(sorted(_sweep_points(results["datasets"][name]).items())):
+            centre = LR_GRID[method][len(LR_GRID[method]) // 2]
+            xs = [lr / centre * (1 + 0.04 * (offset - 2)) for lr, _ in found]  # nudged apart to show each bar
+            axis.errorbar(xs, [100 * g.gain for _, g in found], yerr=[200 * g.se for _, g in found], marker="o",
+                          capsize=3, label=f"{method} (centre {centre:g})")
+        axis.axhline(0, color="grey", linestyle=":")
+        axis.set_xscale("log")
+        axis.set_title(name)
+        axis.set_xlabel("lr / centre of the method's grid")
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("gain over zero-shot, points (± 2 paired SE)")
+    axes[0][-1].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def merge(paths: list[Path]) -> dict[str, Any]:
+    """One results dict holding the datasets of several ``results.json`` files (e.g. one run per dataset)."""
+    merged: dict[str, Any] = {"datasets": {}}
+    for path in paths:
+        merged["datasets"].update(json.loads(path.read_text())["datasets"])
+    return merged
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Tables and plot of one or more convergence results.json files "
+                                                 "(e.g. one run per dataset, run side by side).")
+    parser.add_argument("results", type=Path, nargs="+")
+    parser.add_argument("--plot", type=Path, default=None, help="write the curves here")
+    parser.add_argument("--lr-plot", type=Path, default=None, help="write the lr sweep's gains here")
+    args = parser.parse_args()
+    results = merge(args.results)
+    print(table(results), "", lr_table(results), sep="\n")
+    if args.plot is not None:
+        plot(results, args.plot)
+    if args.lr_plot is not None:
+        lr_plot(results, args.lr_plot)
+
+
+if __name__ == "__main__":
+    main()
