@@ -152,10 +152,15 @@ def lr_plot(results: dict[str, Any], path: Path) -> None:
 
 
 def merge(paths: list[Path]) -> dict[str, Any]:
-    """One results dict holding the datasets of several ``results.json`` files (e.g. one run per dataset)."""
+    """One results dict holding the rows of several ``results.json`` files made with the same settings (e.g.
+    runs side by side, one per dataset or per group of rows); a dataset's zero-shot scores must agree."""
     merged: dict[str, Any] = {"datasets": {}}
     for path in paths:
-        merged["datasets"].update(json.loads(path.read_text())["datasets"])
+        for name, dataset in json.loads(path.read_text())["datasets"].items():
+            known = merged["datasets"].setdefault(name, {**dataset, "rows": {}})
+            if known["zero_shot"] != dataset["zero_shot"]:
+                raise SystemExit(f"{path}: its {name} zero-shot scores differ from an earlier file's: other settings?")
+            known["rows"].update(dataset["rows"])
     return merged
 
 

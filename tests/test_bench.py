@@ -102,3 +102,27 @@ def test_reuters_r8_splits_are_disjoint_and_cover_eight_topics(convergence):
     assert (len(train), len(val), len(test)) == (400, 40, 80)
     assert not {e.prompt for e in train} & {e.prompt for e in test} and not {e.prompt for e in val} & {e.prompt for e in test}
     assert sorted(collections.Counter(e.label for e in test).values()) == [10] * 8  # balanced across the 8 topics
+
+
+def test_convergence_report_merges_runs_side_by_side_into_one_lr_table(convergence, tmp_path):
+    """Two files of the same dataset (rows run side by side) merge into one sweep table; the gain of a
+    row is the paired gain over zero-shot of its seeds' mean scores: d = [0, 0.5, 0.5, 0] -> +25.00 ± 14.43."""
+    from convergence_report import lr_table, merge
+
+    zero = {"accuracy": 0.5, "loss": 1.0, "per_example": [1.0, 0.0, 0.0, 1.0]}
+
+    def row(method, lr, *scores):
+        return {"row": {"config": {"method": method, "lr": lr}},
+                "runs": [{"per_example": list(s)} for s in scores]}
+    paths = []
+    for index, rows in enumerate([{"mezo-sgd @ 1e-05": row("mezo-sgd", 1e-5, (1, 1, 0, 1), (1, 0, 1, 1))},
+                                  {"meazo @ 0.001": row("meazo", 1e-3, (1, 0, 0, 1))}]):
+        paths.append(tmp_path / f"{index}.json")
+        paths[-1].write_text(json.dumps({"datasets": {"rotten-tomatoes": {"zero_shot": zero, "rows": rows}}}))
+    lines = lr_table(merge(paths)).splitlines()
+    assert lines[2:] == ["| meazo | 0.001 | +0.00 ± 0.00 |", "| mezo-sgd | 1e-05 | +25.00 ± 14.43 |"]
+    paths.append(tmp_path / "other.json")
+    paths[-1].write_text(json.dumps({"datasets": {"rotten-tomatoes": {"zero_shot": {**zero, "accuracy": 0.6},
+                                                                      "rows": {}}}}))
+    with pytest.raises(SystemExit, match="zero-shot scores differ"):
+        merge(paths)
