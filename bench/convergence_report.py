@@ -40,21 +40,22 @@ def dataset_table(dataset: dict[str, Any]) -> list[str]:
     zero = dataset["zero_shot"]["per_example"]
     reference = dataset["rows"].get(REFERENCE)
     ref_scores = seed_mean(reference["runs"]) if reference else None
+    versus_head = f" vs {REFERENCE} |" if reference else ""
     lines = ["| row | lr | steps | forward passes | s/step | train s | test accuracy (seeds: mean, min-max) | "
-             "gain over zero-shot (points ± paired SE) | vs " + REFERENCE + " |", "|---" * 9 + "|"]
+             "gain over zero-shot (points ± paired SE) |" + versus_head, "|---" * (9 if reference else 8) + "|"]
     for name, entry in dataset["rows"].items():
         runs = entry["runs"]
         finals = [run["points"][-1]["accuracy"] for run in runs]
         passes = [run["forward_passes"] for run in runs if run["forward_passes"] is not None]
         step_s = statistics.median(s for run in runs for s in run["step_seconds"]) if runs[0]["step_seconds"] else 0.0
         scores = seed_mean(runs)
-        versus = ("—" if ref_scores is None or name == REFERENCE else _gain(paired_gain(ref_scores, scores)))
+        versus = "" if ref_scores is None else " — |" if name == REFERENCE else f" {_gain(paired_gain(ref_scores, scores))} |"
         passes_text = f"{statistics.fmean(passes):.0f}" if passes else "n/a"
         lines.append(
             f"| {name} | {_lr(entry)} | {statistics.median(run['steps'] for run in runs):g} | {passes_text} | "
             f"{step_s:.2f} | {statistics.fmean(run['train_seconds'] for run in runs):.0f} | "
             f"{100 * statistics.fmean(finals):.2f}% ({100 * min(finals):.1f}-{100 * max(finals):.1f}) | "
-            f"{_gain(paired_gain(zero, scores))} | {versus} |")
+            f"{_gain(paired_gain(zero, scores))} |{versus}")
     return lines
 
 
