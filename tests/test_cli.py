@@ -135,8 +135,11 @@ def test_generation_task_from_a_local_file(model_dir: Path, tmp_path: Path) -> N
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["metric"], summary["kind"], summary["eval_examples"]) == ("f1", "generation", 4)
     assert [e["step"] for e in summary["evals"]] == [0, 1]
-    assert all(set(e) == {"step", "exact_match", "f1"} and 0 <= e["exact_match"] <= e["f1"] <= 1
+    assert all(set(e) - {"gain", "gain_se"} == {"step", "exact_match", "f1"} and 0 <= e["exact_match"] <= e["f1"] <= 1
                for e in summary["evals"])
+    # the second evaluation's gain is paired with the first over the same examples (per-example F1)
+    assert "gain" not in summary["evals"][0] and summary["evals"][1]["gain"] == pytest.approx(
+        summary["evals"][1]["f1"] - summary["evals"][0]["f1"], abs=1e-12) and summary["evals"][1]["gain_se"] >= 0
 
 
 def test_label_values_are_the_default_words(model_dir: Path, tmp_path: Path, capsys) -> None:

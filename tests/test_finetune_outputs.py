@@ -139,3 +139,21 @@ def test_a_collapse_onto_one_class_is_warned_of(model_dir: Path, data_file: Path
     expected = {f"step {e['step']}" for e in summary["evals"]
                 if collapsed_class(e["predicted"], summary["eval_labels"]) is not None}
     assert warned == expected and expected  # this tiny model answers one class at some steps (step 0: 10 of 10)
+
+
+def test_the_gain_carries_its_paired_standard_error(model_dir: Path, data_file: Path, tmp_path: Path,
+                                                    capsys) -> None:
+    """Each evaluation after the first records its gain over the first, paired over the same examples; the
+    summary and the printed lines carry the last one's SE. With 0/1 scores the paired differences are
+    -1, 0 or 1, so SE^2 = (changed - n gain^2) / ((n - 1) n) for the number of examples whose result changed."""
+    out = tmp_path / "out"
+    assert cli.main(finetune_args(model_dir, data_file, "--lr", "3e-2", "--eval-every", "1", "--output-dir",
+                                  str(out))) == 0
+    summary, n = _summary(out), 10
+    first, last = summary["evals"][0], summary["evals"][-1]
+    assert "gain_se" not in first and summary["gain_se"] == last["gain_se"]
+    assert last["gain"] == pytest.approx(summary["after"] - summary["before"], abs=1e-12)
+    assert last["accuracy"] != first["accuracy"]  # the step was large enough to change predictions
+    changed = (last["gain_se"] ** 2 * (n - 1) * n + n * last["gain"] ** 2)
+    assert changed == pytest.approx(round(changed), abs=1e-9) and round(changed) >= round(abs(last["gain"]) * n)
+    assert f"± {100 * summary['gain_se']:.2f} paired SE, {n} examples)" in capsys.readouterr().out

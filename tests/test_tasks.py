@@ -412,3 +412,33 @@ def test_scoring_reads_each_rows_last_real_token(tokenizer) -> None:
     for select in (False, True):
         result = tasks.evaluate("classification", stub, encoder, examples, batch_size=4, select_logits=select)
         assert (result["accuracy"], result.predicted) == (1.0, (2, 2))
+
+
+def test_paired_gain_matches_a_hand_computed_example() -> None:
+    """d = after - before = [0, 1, 0, -1, 1]: mean 0.2; squared deviations 0.04 + 0.64 + 0.04 + 1.44 + 0.64
+    = 2.8; sample variance 2.8 / 4 = 0.7; SE = sqrt(0.7 / 5) = sqrt(0.14)."""
+    gain = tasks.paired_gain([1, 0, 1, 1, 0], [1, 1, 1, 0, 1])
+    assert (gain.gain, gain.size) == (pytest.approx(0.2, abs=1e-15), 5)
+    assert gain.se == pytest.approx(math.sqrt(0.14), rel=1e-15)
+    low, high = gain.interval()
+    assert (low, high) == (pytest.approx(0.2 - 1.96 * math.sqrt(0.14)), pytest.approx(0.2 + 1.96 * math.sqrt(0.14)))
+    assert tasks.paired_gain([1.0, 0.0], [0.0, 1.0]) == tasks.PairedGain(0.0, 1.0, 2)  # d = [-1, 1]: exact in binary
+    assert tasks.paired_gain([1, 1, 0], [1, 1, 0]) == tasks.PairedGain(0.0, 0.0, 3)  # the same predictions: no noise
+    assert math.isnan(tasks.paired_gain([0], [1]).se)
+    with pytest.raises(ValueError, match="same examples"):
+        tasks.paired_gain([1, 0], [1])
+
+
+def test_evaluations_keep_each_examples_score_in_example_order(tokenizer) -> None:
+    """Accuracy's per-example values are 1/0 for right/wrong in the order given, whatever order the chunks ran in."""
+    encoder = tasks.PromptEncoder(tokenizer, max_length=64)
+    examples = [tasks.Example(prompt="It is " + " ".join(["good"] * n), candidates=(" terrible", " great"), label=n % 2)
+                for n in (5, 1, 3, 2)]
+    great = encoder.piece_ids(" great")[0]
+
+    def forward(batch):  # always prefers " great": right exactly where the label is 1
+        logits = torch.zeros(*batch["input_ids"].shape, len(tokenizer))
+        logits[..., great] = 1.0
+        return type("Output", (), {"logits": logits})()
+    result = tasks.evaluate("classification", forward, encoder, examples, batch_size=3)
+    assert result.per_example == (1.0, 1.0, 1.0, 0.0) and result["accuracy"] == 0.75

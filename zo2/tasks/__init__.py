@@ -24,7 +24,17 @@ from .data import (
 )
 from .encoding import IGNORE_INDEX, TRUNCATION_SIDES, PromptEncoder, make_examples
 from .registry import TASKS, ColumnTask, Example, TaskSpec, TextTask, framed, get_task
-from .scoring import EvalResult, answer_f1, candidate_scores, evaluate, greedy_answers, normalize_answer, token_logprobs
+from .scoring import (
+                      EvalResult,
+                      PairedGain,
+                      answer_f1,
+                      candidate_scores,
+                      evaluate,
+                      greedy_answers,
+                      normalize_answer,
+                      paired_gain,
+                      token_logprobs,
+)
 
 ROTTEN_TOMATOES = ColumnTask(label_words={"rotten": "negative", "fresh": "positive"}, label_column="category",
                              name="rotten_tomatoes", ignored_labels=("plot",))
@@ -35,4 +45,4 @@ __all__ = ["FORMATS", "TaskError", "batch_indices", "check_columns", "distinct_l
            "package_data_file", "read_records", "rotten_tomatoes_path", "split_examples", "subsample",
            "training_batch", "IGNORE_INDEX", "TRUNCATION_SIDES", "PromptEncoder", "make_examples", "TASKS",
            "ColumnTask", "Example", "TaskSpec", "TextTask", "framed", "get_task", "EvalResult", "answer_f1",
-           "candidate_scores", "evaluate", "greedy_answers", "normalize_answer", "token_logprobs", "ROTTEN_TOMATOES"]
+           "candidate_scores", "evaluate", "PairedGain", "paired_gain", "greedy_answers", "normalize_answer", "token_logprobs", "ROTTEN_TOMATOES"]

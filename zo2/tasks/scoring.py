@@ -31,6 +31,9 @@ class EvalResult:
     """Classification with fixed label words: how many examples were assigned to each class."""
     outputs: tuple[str, ...] = field(default=(), repr=False)
     """Generation: the answers produced, in example order."""
+    per_example: tuple[float, ...] = field(default=(), repr=False)
+    """The metric of each example, in example order (1.0/0.0 for accuracy, the F1 of each answer), so two
+    evaluations of the same examples can be compared pairwise (:func:`paired_gain`); empty for ``lm``."""
 
     def __getitem__(self, name: str) -> float:
         return self.metrics[name]
@@ -100,7 +103,8 @@ def evaluate_candidates(forward: Forward, encoder: PromptEncoder, examples: Sequ
     loss = -sum(float(s[e.label]) for s, e in zip(scores, examples)) / len(examples)
     fixed = all(e.candidates == examples[0].candidates for e in examples)
     counts = tuple(predictions.count(k) for k in range(len(examples[0].candidates))) if fixed else ()
-    return EvalResult({"accuracy": correct / len(examples), "loss": loss}, len(examples), counts)
+    hits = tuple(float(p == e.label) for p, e in zip(predictions, examples))
+    return EvalResult({"accuracy": correct / len(examples), "loss": loss}, len(examples), counts, per_example=hits)
 
 
 # ------------------------------------------------------------------------------------ generation
@@ -155,9 +159,41 @@ def evaluate_generation(forward: Forward, encoder: PromptEncoder, examples: Sequ
     """Exact match and F1 of greedy answers, each against the best-matching reference (SQuAD scoring)."""
     answers = greedy_answers(forward, encoder, examples, batch_size, **options)
     em = sum(max(float(normalize_answer(a) == normalize_answer(r)) for r in e.answers) for a, e in zip(answers, examples))
-    f1 = sum(max(answer_f1(a, r) for r in e.answers) for a, e in zip(answers, examples))
-    return EvalResult({"exact_match": em / len(examples), "f1": f1 / len(examples)}, len(examples),
-                      outputs=tuple(answers))
+    f1s = tuple(max(answer_f1(a, r) for r in e.answers) for a, e in zip(answers, examples))
+    return EvalResult({"exact_match": em / len(examples), "f1": sum(f1s) / len(examples)}, len(examples),
+                      outputs=tuple(answers), per_example=f1s)
+
+
+# ---------------------------------------------------------------------------------- paired gain
+@dataclass(frozen=True)
+class PairedGain:
+    """The mean per-example difference between two evaluations of the same examples, with its standard
+    error: ``gain ± 1.96 se`` is a normal-approximation 95% interval for the gain on examples like these."""
+
+    gain: float
+    se: float
+    size: int
+
+    def interval(self, z: float = 1.96) -> tuple[float, float]:
+        """``(gain - z se, gain + z se)``; the default z gives a two-sided 95% interval."""
+        return self.gain - z * self.se, self.gain + z * self.se
+
+
+def paired_gain(before: Sequence[float], after: Sequence[float]) -> PairedGain:
+    """Gain of ``after`` over ``before`` (per-example metrics of the same examples, in the same order) and its
+    paired standard error ``sd(d) / sqrt(n)``, ``d = after - before`` and ``sd`` the sample deviation (n - 1).
+
+    Pairing removes what the two evaluations share: only the examples whose score changed contribute, so
+    a gain far smaller than the unpaired error of either accuracy (~2.4 points at 80% on 300 examples)
+    can still be told from noise. One example has no spread to measure: its error is ``nan``."""
+    if len(before) != len(after) or not before:
+        raise ValueError(f"paired_gain needs two non-empty evaluations of the same examples; got {len(before)} and "
+                         f"{len(after)} values")
+    diffs = [float(a) - float(b) for a, b in zip(after, before)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else math.nan
+    return PairedGain(mean, se, n)
 
 
 # --------------------------------------------------------------------------------------- LM loss

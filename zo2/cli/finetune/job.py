@@ -30,6 +30,7 @@ from ...objectives.classification import candidate_cross_entropy
 from ...persist.manifest import CheckpointError
 from ...tasks import Example, PromptEncoder, TaskError, training_batch
 from ...tasks import evaluate as evaluate_task
+from ...tasks.scoring import paired_gain
 from .budget import BUDGET_BAR_FORMAT, TimeBudget
 from .classes import class_names, collapsed_class, label_counts
 from .data import Data
@@ -101,6 +102,8 @@ class Run:
         self.eval_labels = label_counts(data.eval)
         self.history: list[dict] = []
         self.evals: list[dict] = []
+        self.first_scores: list[float] = []
+        """Per-example metric of the first evaluation: later ones are paired with it (``gain_se``)."""
         self.best: dict | None = None
         self.seconds: list[float] = []
         self.train_seconds = 0.0
@@ -179,11 +182,18 @@ class Run:
         names = class_names(self.data.eval)
         if result.predicted and names:
             record["predicted"] = dict(zip(names, result.predicted))
+        gain = ""
+        if result.per_example and not self.evals:
+            self.first_scores = list(result.per_example)
+        elif result.per_example and len(self.first_scores) == len(result.per_example):
+            paired = paired_gain(self.first_scores, result.per_example)
+            record["gain"], record["gain_se"] = paired.gain, paired.se
+            gain = f"; {self.metric} gain {paired.gain:+.4f} ± {paired.se:.4f} (paired SE)"
         self.evals.append(record)
         counts = "; predicted " + ", ".join(f"{k} {v}" for k, v in record["predicted"].items()) \
             if "predicted" in record else ""
-        logger.info("step %d: eval %s on %d examples%s", self.step,
-                    ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()), result.size, counts)
+        logger.info("step %d: eval %s on %d examples%s%s", self.step,
+                    ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()), result.size, gain, counts)
         collapsed = collapsed_class(record["predicted"], self.eval_labels) if "predicted" in record else None
         if collapsed is not None:
             advice = ("before training: the prompt or the label words favour it" if self.step == 0 else
@@ -307,6 +317,7 @@ class Run:
 
     def _extra(self) -> dict:
         return {"step": self.step, "history": self.history, "evals": self.evals, "best": self.best,
+                "first_scores": self.first_scores,
                 "train_seconds": self.train_seconds, "step_seconds": self.seconds,
                 "run": {key: _jsonable(getattr(self.args, key)) for key in RESUME_KEYS}}
 
@@ -396,6 +407,7 @@ class Run:
         self.step, self.history, self.evals = int(extra["step"]), list(extra["history"]), list(extra["evals"])
         self.best, self.train_seconds = extra.get("best"), float(extra["train_seconds"])
         self.seconds = list(extra.get("step_seconds", []))
+        self.first_scores = list(extra.get("first_scores", []))
         self.latest, self._latest_records = checkpoint.path, (self.step, len(self.evals))
         if self.best and self.best["step"] > 0 and (self.output / "best").is_dir():
             self.best_dir, self._best_dir_step = self.output / "best", self.best["step"]

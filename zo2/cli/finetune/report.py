@@ -45,6 +45,16 @@ def _counts(predicted: dict[str, int]) -> str:
     return ", ".join(f"{name} {count}" for name, count in predicted.items())
 
 
+def _uncertainty(summary: dict) -> str:
+    """`` ± SE`` of the gain (paired over the eval examples), in the metric's printed unit; empty when the
+    metric has no per-example values (``lm``) or a run resumed from a checkpoint that predates them."""
+    se = summary.get("gain_se")
+    if se is None:
+        return ""
+    scale = 100 if summary["metric"] in ("accuracy", "f1", "exact_match") else 1
+    return f" ± {scale * se:.2f} paired SE, {summary['eval_examples']} examples"
+
+
 def format_summary(summary: dict) -> str:
     """The few lines printed at the end of a run."""
     metric, settings = summary["metric"], summary["settings"]
@@ -59,7 +69,7 @@ def format_summary(summary: dict) -> str:
     lines = [
         f"zo2 finetune ({summary['mode']}): {summary['model']} on {summary['task']} [{summary['data']}] "
         f"({summary['train_examples']} train / {summary['eval_examples']} eval examples)",
-        f"  {metric} before: {before:.2f}{unit}   after: {after:.2f}{unit}   ({after - before:+.2f})"
+        f"  {metric} before: {before:.2f}{unit}   after: {after:.2f}{unit}   ({after - before:+.2f}{_uncertainty(summary)})"
         f"   best: {scale * best['value']:.2f}{unit} at step {best['step']}",
         f"  steps: {summary['steps']} x batch {settings['batch-size']}, lr {settings['lr']:g} ({summary['learning_rate']['source']})"
         + ("" if summary["mode"] == "first-order" else f", eps {settings['eps']:g}") + timing + stopped,

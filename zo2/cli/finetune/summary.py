@@ -83,6 +83,7 @@ def build_summary(run: Run, total_seconds: float, resumed_from: str | None) -> d
         "stop_reason": run.stop_reason,
         "before": evals[0][metric] if evals else None,
         "after": evals[-1][metric] if evals and finished else None,
+        "gain_se": evals[-1].get("gain_se") if evals and finished else None,
         "best": run.best, "train_examples": len(data.train), "eval_examples": len(data.eval),
         "eval_labels": label_counts(data.eval), "truncated": run.truncated,
         "steps": run.step, "evals": evals,
