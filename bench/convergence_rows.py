@@ -19,6 +19,7 @@ import statistics
 from typing import Any
 
 from zo2.config import ZOConfig, ZOConfigError
+from zo2.methods import method_class
 
 #: Per-method settings that keep a CPU step affordable (the methods' own defaults are N = 8 for fzoo and
 #: a horizon of 10 for adamezo: 9 and ~11 noise passes a step).
@@ -52,7 +53,8 @@ def _rows() -> dict[str, dict[str, Any]]:
         base = {"method": method, "eps": EPS, **settings}
         rows[f"{method} @ default lr"] = {"config": {**base, "lr": None}}
         rows[f"{method} @ lr auto"] = {"config": {**base, "lr": "auto"}}
-        rows[f"{method} @ default lr, averaged"] = {"config": {**base, "lr": None, "average_last": 0.5}}
+        if method_class(method).fused_kernels:  # averaging replays lr * g * z updates only (zo2.tuning.averaging)
+            rows[f"{method} @ default lr, averaged"] = {"config": {**base, "lr": None, "average_last": 0.5}}
     rows[REFERENCE] = {"config": {"method": "mezo-sgd", "eps": EPS, "lr": 1e-5}, "grid": (3e-6, 1e-5, 3e-5, 1e-4)}
     rows[f"{REFERENCE}, averaged"] = {"config": {"method": "mezo-sgd", "eps": EPS, "lr": 1e-5, "average_last": 0.5},
                                       "grid": (3e-6, 1e-5, 3e-5, 1e-4)}

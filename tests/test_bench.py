@@ -126,3 +126,18 @@ def test_convergence_report_merges_runs_side_by_side_into_one_lr_table(convergen
                                                                       "rows": {}}}}))
     with pytest.raises(SystemExit, match="zero-shot scores differ"):
         merge(paths)
+
+
+def test_convergence_auto_rows_pay_for_their_search_and_averaged_rows_average(convergence, model_dir, tmp_path):
+    """An lr='auto' row searches with zo2.tuning.search_lr before training and trains only what its search
+    left of the forward-pass budget; an averaged row evaluates the mean of the last half of its iterates."""
+    convergence.main(["--rows", "mezo-sgd @ lr auto", "mezo-sgd @ default lr, averaged", "--datasets",
+                      "rotten-tomatoes", "--seeds", "0", "--forward-passes", "60", "--search-fraction", "0.5",
+                      "--eval-points", "2", "--batch-size", "4", "--max-length", "24", "--train-examples", "32",
+                      "--val-examples", "8", "--eval-examples", "8", "--model", str(model_dir), "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "results.json").read_text())["datasets"]["rotten-tomatoes"]["rows"]
+    (auto,), (averaged,) = rows["mezo-sgd @ lr auto"]["runs"], rows["mezo-sgd @ default lr, averaged"]["runs"]
+    assert auto["lr_source"] == "auto search" and auto["search_forward_passes"] > 0
+    assert auto["steps"] == max(1, int(60 - auto["search_forward_passes"]) // 2)
+    assert averaged["lr_source"] == "default of mezo-sgd" and averaged["search_forward_passes"] == 0
+    assert averaged["steps"] == 30 and averaged["averaged_iterates"] == 15

@@ -6,8 +6,10 @@ so its lr is about MeZO-SGD's times a typical |g|); fzoo divides its step by the
 losses, about ε·|g|, so its lr is about ε times MeZO-SGD's. A lr that trains one method can make another
 diverge or stand still, hence one default per method and a warning for an lr far from it.
 
-The values are the centres of the convergence benchmark's lr grids (``bench/convergence.py``); the
-benchmark measures them and this table is where they are set.
+The values come from the convergence benchmark's lr sweep (``bench/convergence.py --rows sweep``, two
+datasets; the table and its limits are in docs/results/convergence.md): per method the lr that gained on
+both datasets without ever ending below zero-shot. The sweep was small (one seed, 24 steps), so these are
+provisional; this table is where a larger run sets them.
 """
 from __future__ import annotations
 
@@ -28,13 +30,12 @@ class MethodDefaults:
 
 DEFAULTS: dict[str, MethodDefaults] = {
     "mezo-sgd": MethodDefaults(1e-5, 1e-3, "lr x g z: plain SGD on the projected gradient"),
-    "fzoo": MethodDefaults(3e-8, 1e-3, "lr / sigma of the losses (about eps x MeZO-SGD's lr)"),
+    "fzoo": MethodDefaults(1e-7, 1e-3, "lr / sigma of the losses (about eps x MeZO-SGD's lr)"),
     "sparse-mezo": MethodDefaults(3e-5, 1e-3, "lr x g z on the perturbed (small) weights: MeZO-SGD's scale"),
-    "adamezo": MethodDefaults(3e-6, 1e-3, "lr x m / sqrt(v): an Adam-style step of about lr per element"),
-    "meazo": MethodDefaults(3e-4, 1e-3, "lr / sqrt(mean g^2) (about MeZO-SGD's lr x a typical |g|)"),
+    "adamezo": MethodDefaults(3e-4, 1e-3, "lr x m / sqrt(v): an Adam-style step of about lr per element"),
+    "meazo": MethodDefaults(1e-3, 1e-3, "lr / sqrt(mean g^2) (about MeZO-SGD's lr x a typical |g|)"),
 }
 """Per method name (the keys of :data:`zo2.methods.METHODS`)."""
-
 
 
 def defaults_for(method: str) -> MethodDefaults:
