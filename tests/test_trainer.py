@@ -139,6 +139,9 @@ def test_optimizers_and_missing_config_are_refused(tmp_path):
                   optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
     with pytest.raises(ValueError, match="needs zo_config"):
         ZOTrainer(make_model("llama"), args=training_args(tmp_path), train_dataset=dataset(4))
+    with pytest.raises(ValueError, match="lr='auto'.*give it a number"):  # the trainer's lr is TrainingArguments'
+        ZOTrainer(make_model("llama"), args=training_args(tmp_path), train_dataset=dataset(4),
+                  zo_config=ZOConfig(working_device="cpu", lr="auto"))
 
 
 def test_options_without_effect_are_turned_off(tmp_path):
