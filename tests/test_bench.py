@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).parent.parent
 
@@ -33,9 +34,13 @@ def test_bench_writes_rows_with_floors_for_every_mode(tmp_path):
 
 @pytest.fixture
 def convergence(monkeypatch):
-    """bench/convergence.py as a module (its siblings import by bare name, as when run as a script)."""
+    """bench/convergence.py as a module (its siblings import by bare name, as when run as a script).
+    Its main() sets torch's thread count: restored after, so later tests reduce in the same order as a
+    subprocess does."""
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    return importlib.import_module("convergence")
+    threads = torch.get_num_threads()
+    yield importlib.import_module("convergence")
+    torch.set_num_threads(threads)
 
 
 def test_convergence_harness_pairs_gains_and_gives_first_order_the_reference_wall_clock(convergence, model_dir,

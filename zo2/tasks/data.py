@@ -30,7 +30,10 @@ class TaskError(ValueError):
 
 def package_data_file(package: str, relative: str, install_hint: str) -> Path:
     """A data file shipped inside an installed package, located without importing the package."""
-    spec = importlib.util.find_spec(package)
+    try:
+        spec = importlib.util.find_spec(package)
+    except ModuleNotFoundError:  # a dotted name whose parent package is not installed
+        spec = None
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     for folder in locations:
         path = Path(folder) / relative
