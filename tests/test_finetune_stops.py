@@ -40,21 +40,28 @@ def _wait_for_checkpoint(folder: Path, step: int, process: subprocess.Popen, tim
         time.sleep(0.05)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_the_resume_equals_a_straight_run(model_dir: Path, data_file: Path,
-                                                                      tmp_path: Path) -> None:
-    out, straight = tmp_path / "interrupted", tmp_path / "straight"
-    argv = finetune_args(model_dir, data_file, "--steps", "100000", "--save-every", "1", "--output-dir", str(out))
-    with open(tmp_path / "stderr.txt", "w") as stderr:
+def _signal_a_run(argv: list[str], out: Path, stderr_path: Path, checkpoints: int, *signals: int) -> str:
+    """Run ``zo2 <argv>`` in a subprocess, send ``signals`` once ``checkpoints`` checkpoints are in ``out``
+    (training, with the guard installed); it must exit 130. Returns its stderr."""
+    with open(stderr_path, "w") as stderr:
         process = subprocess.Popen([sys.executable, "-m", "zo2", *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
                                    stderr=stderr)
         try:
-            _wait_for_checkpoint(out / "checkpoints", 2, process)  # training, with the guard installed
-            process.send_signal(signal.SIGINT)
+            _wait_for_checkpoint(out / "checkpoints", checkpoints, process)
+            for signum in signals:
+                process.send_signal(signum)
             assert process.wait(timeout=300) == 130
         finally:
             process.kill()
             process.wait()
-    err = (tmp_path / "stderr.txt").read_text()
+    return stderr_path.read_text()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_resume_equals_a_straight_run(model_dir: Path, data_file: Path,
+                                                                      tmp_path: Path) -> None:
+    out, straight = tmp_path / "interrupted", tmp_path / "straight"
+    argv = finetune_args(model_dir, data_file, "--steps", "100000", "--save-every", "1", "--output-dir", str(out))
+    err = _signal_a_run(argv, out, tmp_path / "stderr.txt", 2, signal.SIGINT)
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert "Ctrl-C: stopping after the current step" in err
     last = err.strip().splitlines()[-1]
@@ -81,17 +88,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_resume_equals_a_straight_run(model_di
 def test_sigterm_stops_like_ctrl_c(model_dir: Path, data_file: Path, tmp_path: Path) -> None:
     signum, out = signal.SIGTERM, tmp_path / "out"  # SIGHUP takes the same handler (the guard test below)
     argv = finetune_args(model_dir, data_file, "--steps", "100000", "--save-every", "1", "--output-dir", str(out))
-    with open(tmp_path / "stderr.txt", "w") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "zo2", *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
-                                   stderr=stderr)
-        try:
-            _wait_for_checkpoint(out / "checkpoints", 1, process)
-            os.kill(process.pid, signum)
-            assert process.wait(timeout=300) == 130
-        finally:
-            process.kill()
-            process.wait()
-    err = (tmp_path / "stderr.txt").read_text()
+    err = _signal_a_run(argv, out, tmp_path / "stderr.txt", 1, signum)
     name = signal.Signals(signum).name
     assert "Traceback" not in err and f"{name}: stopping after the current step and saving" in err
     found = re.fullmatch(rf"zo2 finetune: stopped by {name} at step (\d+) of 100000; saved (\S+); resume with: "
@@ -105,22 +102,11 @@ def test_a_second_signal_quits_at_once_and_names_the_newest_checkpoint(model_dir
                                                                        tmp_path: Path) -> None:
     out = tmp_path / "out"
     argv = finetune_args(model_dir, data_file, "--steps", "100000", "--save-every", "1", "--output-dir", str(out))
-    with open(tmp_path / "stderr.txt", "w") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "zo2", *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
-                                   stderr=stderr)
-        try:
-            _wait_for_checkpoint(out / "checkpoints", 1, process)
-            # stopped, both signals are pending together: on SIGCONT the handlers run back to back, so the
-            # second lands in training, not after the process has saved and exited
-            process.send_signal(signal.SIGSTOP)
-            process.send_signal(signal.SIGINT)
-            process.send_signal(signal.SIGTERM)
-            process.send_signal(signal.SIGCONT)
-            assert process.wait(timeout=300) == 130
-        finally:
-            process.kill()
-            process.wait()
-    last = (tmp_path / "stderr.txt").read_text().strip().splitlines()[-1]
+    # stopped, both signals are pending together: on SIGCONT the handlers run back to back, so the second
+    # lands in training, not after the process has saved and exited
+    err = _signal_a_run(argv, out, tmp_path / "stderr.txt", 1, signal.SIGSTOP, signal.SIGINT, signal.SIGTERM,
+                        signal.SIGCONT)
+    last = err.strip().splitlines()[-1]
     found = re.fullmatch(r"zo2 finetune: interrupted twice: quit at once at step (\d+); the newest checkpoint is "
                          r"(\S+): resume with: zo2 (.+) --resume", last)
     assert found, last
