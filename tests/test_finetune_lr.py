@@ -41,7 +41,8 @@ def test_lr_auto_trains_bitwise_as_the_picked_lr_and_records_its_table(model_dir
     assert cli.main(finetune_args(model_dir, data_file, *AUTO, "--output-dir", str(auto))) == 0
     summary = _summary(auto)
     searched = summary["learning_rate"]
-    assert searched["source"] == "auto search" and len(searched["search"]) == 5
+    stages = [row["stage"] for row in searched["search"]]
+    assert searched["source"] == "auto search" and stages[:5] == ["screen"] * 5 and stages[5:] in ([], ["confirm"] * 2)
     assert searched["value"] in [row["lr"] for row in searched["search"]] and summary["settings"]["lr"] == searched["value"]
     assert summary["train_seconds"] >= sum(row["seconds"] for row in searched["search"])  # charged to the budget
     checkpoint = load_checkpoint(auto / "checkpoints" / "step-000003")
@@ -87,7 +88,7 @@ def test_ctrl_c_during_the_search_stops_cleanly_with_nothing_trained(model_dir, 
                                    stderr=stderr)
         try:
             deadline = time.monotonic() + 300
-            while "--lr auto: searching" not in log.read_text():
+            while "--lr auto: screening" not in log.read_text():
                 assert process.poll() is None and time.monotonic() < deadline, log.read_text()
                 time.sleep(0.05)
             time.sleep(0.5)  # inside the first candidate's steps

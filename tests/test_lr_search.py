@@ -7,11 +7,13 @@ from tiny import make_batch, make_model, masters
 
 from zo2 import ZOConfig, ZOEngine
 from zo2.methods import DEFAULTS, METHODS
-from zo2.tuning import LRSearchError, LRSearchInterrupted, carve_validation, search_lr
+from zo2.tuning import CONFIRM, LRSearchError, LRSearchInterrupted, carve_validation, search_lr, search_steps
 
 TRAIN = [make_batch(batch=4, length=8, seed=s) for s in range(3)]
 VALIDATION = [make_batch(batch=4, length=8, seed=10 + s) for s in range(2)]
 FACTORS = (0.3, 1.0, 30.0)
+OVERSHOOT = (1000.0, 3000.0, 5000.0)
+"""On the float64 tiny OPT, 5000x the default scores best after 1 step and overshoots by step 3."""
 
 
 def _batches(step: int) -> dict:
@@ -36,7 +38,7 @@ def test_the_run_after_the_search_is_bitwise_the_direct_run_at_the_pick(method, 
     result = search_lr(engine, _batches, VALIDATION, steps=2, factors=FACTORS)
     assert masters(engine).equal(start) and engine.step_count == 0  # exact restart
     assert (engine.lr, engine.lr_source) == (result.lr, "auto search")
-    assert [row["lr"] for row in result.table] == [DEFAULTS[method].lr * f for f in FACTORS]
+    assert [row["lr"] for row in result.table[:3]] == [DEFAULTS[method].lr * f for f in FACTORS]
     searched = _train(engine)
     direct = _train(_engine(result.lr, method=method, zo2=zo2))
     assert not searched.equal(start)
@@ -56,16 +58,44 @@ def test_the_search_restores_lora_adapters_exactly():
     assert _train(engine).equal(_train(_engine(result.lr, model=lora(), zo2=True)))
 
 
-def test_the_pick_is_the_lowest_validation_loss_and_the_table_is_complete():
+def _screen_and_confirm(result) -> tuple[list[dict], list[dict]]:
+    screen = [row for row in result.table if row["stage"] == "screen"]
+    confirm = [row for row in result.table if row["stage"] == "confirm"]
+    assert result.table == tuple(screen + confirm)
+    return screen, confirm
+
+
+@pytest.mark.parametrize("factors", [FACTORS, (1.0, 10.0, 100.0, 1000.0)])
+def test_the_screen_best_meets_the_next_smaller_lr_over_longer_trials(factors):
     engine = _engine("auto")
-    result = search_lr(engine, _batches, VALIDATION, steps=2, factors=FACTORS)
-    best = min(result.table, key=lambda row: row["score"])
-    assert result.lr == (best["lr"] if best["score"] < result.start_score else min(r["lr"] for r in result.table))
-    assert all(set(row) == {"lr", "steps", "score", "seconds", "forward_passes"} for row in result.table)
-    assert all(row["forward_passes"] == 2 * 2 + len(VALIDATION) for row in result.table)
-    assert "picked" in result.describe()
+    result = search_lr(engine, _batches, VALIDATION, steps=2, factors=factors)
+    screen, confirm = _screen_and_confirm(result)
+    assert [row["lr"] for row in screen] == [DEFAULTS["mezo-sgd"].lr * f for f in factors]
+    best = min(screen, key=lambda row: row["score"])
+    assert best["score"] < result.start_score  # the tiny task learns: a real best, not the fallback
+    if best is screen[0]:  # nothing smaller to confirm against
+        assert not confirm and result.lr == best["lr"]
+    else:
+        lower = screen[screen.index(best) - 1]
+        assert [(row["lr"], row["steps"]) for row in confirm] == [(lower["lr"], 2 * CONFIRM), (best["lr"], 2 * CONFIRM)]
+        assert result.lr == (best["lr"] if confirm[1]["score"] < confirm[0]["score"] else lower["lr"])
+    assert all(set(row) == {"stage", "lr", "steps", "score", "seconds", "forward_passes"} for row in result.table)
+    assert all(row["forward_passes"] == row["steps"] * 2 + len(VALIDATION) for row in result.table)
+    assert sum(row["steps"] for row in result.table) <= search_steps(2, len(factors))
+    assert result.describe().count("picked") == 1
     assert result.forward_passes == sum(row["forward_passes"] for row in result.table) + len(VALIDATION)
     assert result.seconds >= sum(row["seconds"] for row in result.table)
+
+
+def test_the_longer_trial_overturns_a_short_trial_that_favours_the_larger_lr():
+    """Short-horizon bias, on a real tiny model: after 1 step the larger lr scores best; over 3 steps it
+    overshoots, and the confirmation keeps the smaller lr."""
+    engine = _engine("auto", model=make_model("opt", dtype=torch.float64))
+    result = search_lr(engine, _batches, VALIDATION, steps=1, factors=OVERSHOOT)
+    screen, confirm = _screen_and_confirm(result)
+    assert min(screen, key=lambda row: row["score"])["lr"] == screen[-1]["lr"]
+    assert confirm[1]["score"] > confirm[0]["score"]
+    assert result.lr == screen[-2]["lr"]
 
 
 def test_a_stop_request_restores_the_start_and_leaves_the_lr_unsearched():

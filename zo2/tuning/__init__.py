@@ -2,15 +2,25 @@
 return to the starting weights it relies on, and iterate averaging replayed from the update log.
 
 :func:`search_lr` picks a learning rate from a log grid around the method's default
-(:data:`zo2.methods.DEFAULTS`) by training a few steps per candidate from the same starting weights
-and scoring each on a validation slice; :func:`average_iterates` turns the last iterate into the mean
+(:data:`zo2.methods.DEFAULTS`) by screening every candidate for a few steps from the same starting weights,
+scored on a validation slice, then confirming the best against the next smaller lr over longer trials; :func:`average_iterates` turns the last iterate into the mean
 of the last iterates. Both use the update log instead of a second copy of the model.
 """
 from __future__ import annotations
 
 from .averaging import average_iterates, averaging_updates
-from .lr_search import GRID, LRSearch, LRSearchError, LRSearchInterrupted, carve_validation, search_lr
+from .lr_search import (
+                        CONFIRM,
+                        GRID,
+                        LRSearch,
+                        LRSearchError,
+                        LRSearchInterrupted,
+                        carve_validation,
+                        search_lr,
+                        search_steps,
+                        steps_per_candidate,
+)
 from .snapshot import StartSnapshot
 
-__all__ = ["GRID", "LRSearch", "LRSearchError", "LRSearchInterrupted", "StartSnapshot", "average_iterates",
-           "averaging_updates", "carve_validation", "search_lr"]
+__all__ = ["CONFIRM", "GRID", "LRSearch", "LRSearchError", "LRSearchInterrupted", "StartSnapshot", "average_iterates",
+           "averaging_updates", "carve_validation", "search_lr", "search_steps", "steps_per_candidate"]

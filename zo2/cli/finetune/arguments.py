@@ -147,7 +147,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
                        "training (docs: guides/learning-rate.md) (default: the method's, e.g. 1e-5 for mezo-sgd; "
                        "1e-6 for --first-order)")
     train.add_argument("--lr-search-steps", type=_positive_int, default=10, help="--lr auto: steps each candidate "
-                       "lr trains (default: %(default)s)")
+                       "lr trains in the screen; the two confirmation trials train 3 times as many (default: "
+                       "%(default)s)")
     train.add_argument("--average-last", type=_fraction, default=0.0, help="after training, also evaluate the "
                        "mean of the last iterates, this fraction of the steps (e.g. 0.5), replayed from the update "
                        "log; the checkpoint keeps the last iterate (default: %(default)s, off)")

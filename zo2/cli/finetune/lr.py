@@ -15,7 +15,15 @@ import math
 from ...methods.defaults import defaults_for
 from ...objectives.classification import candidate_cross_entropy
 from ...tasks import Example, TaskError, training_batch
-from ...tuning import GRID, LRSearchError, LRSearchInterrupted, average_iterates, carve_validation, search_lr
+from ...tuning import (
+    GRID,
+    LRSearchError,
+    LRSearchInterrupted,
+    average_iterates,
+    carve_validation,
+    search_lr,
+    search_steps,
+)
 from ...tuning.lr_search import MIN_VALIDATION
 from .folders import save_model_folder
 from .interrupt import StopRequested
@@ -50,8 +58,10 @@ def search_if_asked(run: Run) -> None:
     left = [limit - spent for limit, spent in ((args.max_seconds, run.train_seconds),
                                                (args.max_run_seconds, run.run_seconds)) if limit]
     objective = candidate_cross_entropy if run.objective == "classification" else None
-    logger.info("--lr auto: searching %d candidate lrs around %g, %d steps each, scored on %d held-back training "
-                "examples", len(GRID), defaults_for(run.config.method).lr, args.lr_search_steps, len(validation))
+    logger.info("--lr auto: screening %d candidate lrs around %g, %d steps each, then confirming the best over longer "
+                "trials (at most %d steps in all), scored on %d held-back training examples", len(GRID),
+                defaults_for(run.config.method).lr, args.lr_search_steps, search_steps(args.lr_search_steps),
+                len(validation))
     try:
         result = search_lr(engine, lambda step: _batch(run, training_batch(pool, args.batch_size, args.seed, step)),
                            batches, steps=args.lr_search_steps, objective=objective,
