@@ -44,6 +44,7 @@ import torch
 from convergence_data import DATASETS, splits
 from convergence_report import plot, table
 from convergence_rows import DEFAULT_ROWS, ROWS, SWEEP_ROWS, equal_wall_clock_seconds, select_rows
+from torch.optim.swa_utils import AveragedModel
 from transformers.utils import logging as hf_logging
 
 from zo2.cli.finetune.model import load_embedded_model, load_local_model
@@ -53,7 +54,7 @@ from zo2.objectives.classification import candidate_cross_entropy
 from zo2.tasks.data import training_batch
 from zo2.tasks.encoding import PromptEncoder
 from zo2.tasks.scoring import evaluate
-from zo2.tuning import GRID, average_iterates, search_lr
+from zo2.tuning import average_iterates, search_lr, steps_per_candidate
 
 logger = logging.getLogger("convergence")
 
@@ -132,47 +133,62 @@ def train_zo(config: dict[str, Any], seed: int, budget: int, data: tuple, eval_s
 
 def _search(engine: ZOEngine, encoder: PromptEncoder, data: tuple, seed: int, args: argparse.Namespace) -> None:
     """``lr="auto"``: zo2's search on the training pool, scored on the benchmark's validation split (never
-    the test split) with the classification objective, the candidates' steps a quarter of a run's at most."""
+    the test split) with the classification objective, the whole search ``--search-fraction`` of the
+    run's steps at most."""
     validation = [encoder.classification_batch(data[1][i:i + args.eval_batch_size])
                   for i in range(0, len(data[1]), args.eval_batch_size)]
-    steps = max(1, round(args.forward_passes * args.search_fraction / len(engine.parts()) / len(GRID)))
+    steps = steps_per_candidate(round(args.forward_passes * args.search_fraction / len(engine.parts())))
     search_lr(engine, lambda step: encoder.classification_batch(training_batch(data[0], args.batch_size, seed, step)),
               validation, steps=steps, objective=candidate_cross_entropy)
 
 
 def train_first_order(lr: float, seconds: float, seed: int, data: tuple, eval_set: list, untrained: dict,
-                      args: argparse.Namespace, points: int) -> dict[str, Any]:
-    """AdamW on the classification objective until its measured step seconds reach ``seconds``."""
+                      args: argparse.Namespace, points: int, average_last: float = 0.0) -> dict[str, Any]:
+    """AdamW on the classification objective until its measured step seconds reach ``seconds``. With
+    ``average_last``, the last point evaluates the equal-weight mean of the iterates of that last share of
+    the seconds (``torch.optim.swa_utils.AveragedModel``: a copy of the weights, which first order can afford)."""
     torch.manual_seed(seed)
     tokenizer, model = _load(args)
     encoder = PromptEncoder(tokenizer, args.max_length)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     run: dict[str, Any] = {"lr": repr(lr), "seed": seed, "points": [], "step_seconds": [], "budget_seconds": seconds}
     marks = [seconds * k / max(points - 1, 1) for k in range(points)]
-
-    def forward(batch: dict) -> Any:
-        return model(**batch, use_cache=False)
+    averaged: AveragedModel | None = None
     step = 0
     while marks:
         if sum(run["step_seconds"]) >= marks[0]:
             marks.pop(0)
-            model.eval()
-            measured = untrained if step == 0 else _evaluate(forward, encoder, eval_set, args)
+            final = averaged if averaged is not None and not marks else None
+            evaluated = (final.module if final is not None else model).eval()
+            measured = untrained if step == 0 else _evaluate(lambda b: evaluated(**b, use_cache=False), encoder,
+                                                             eval_set, args)
             run["points"].append({"step": step, "forward_passes": None, "train_seconds": sum(run["step_seconds"]),
                                   "accuracy": measured["accuracy"], "loss": measured["loss"]})
             run["per_example"] = measured["per_example"]
+            if final is not None:
+                run["averaged_iterates"] = int(final.n_averaged)
             continue
-        model.train()
-        batch = encoder.classification_batch(training_batch(data[0], args.batch_size, seed, step))
-        inputs = {k: v for k, v in batch.items() if k not in candidate_cross_entropy.targets}
-        start = time.perf_counter()
-        candidate_cross_entropy(model(**inputs, use_cache=False), batch).mean().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        run["step_seconds"].append(time.perf_counter() - start)
+        _first_order_step(model, optimizer, encoder.classification_batch(
+            training_batch(data[0], args.batch_size, seed, step)), run)
         step += 1
+        if average_last and sum(run["step_seconds"]) >= (1 - average_last) * seconds:
+            start = time.perf_counter()  # the averaging is training time
+            averaged = averaged or AveragedModel(model)
+            averaged.update_parameters(model)
+            run["step_seconds"][-1] += time.perf_counter() - start
     run.update(steps=step, forward_passes=None, train_seconds=sum(run["step_seconds"]))
     return run
+
+
+def _first_order_step(model: Any, optimizer: torch.optim.Optimizer, batch: dict, run: dict[str, Any]) -> None:
+    """One AdamW step on the classification objective; its seconds are appended to the run's."""
+    model.train()
+    inputs = {k: v for k, v in batch.items() if k not in candidate_cross_entropy.targets}
+    start = time.perf_counter()
+    candidate_cross_entropy(model(**inputs, use_cache=False), batch).mean().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    run["step_seconds"].append(time.perf_counter() - start)
 
 
 def choose_lr(config: dict[str, Any], grid: tuple[float, ...], data: tuple, untrained_val: dict,
@@ -196,7 +212,8 @@ def run_row(name: str, row: dict[str, Any], dataset: dict[str, Any], data: tuple
     if "first_order" in row:
         seconds = equal_wall_clock_seconds(dataset["rows"][row["reference"]]["runs"])
         runs = [train_first_order(row["first_order"]["lr"], seconds, seed, data, test, zero_shot, args,
-                                  args.eval_points) for seed in args.seeds]
+                                  args.eval_points, row["first_order"].get("average_last", 0.0))
+                for seed in args.seeds]
         return {"runs": runs}
     config, entry = dict(row["config"]), {}
     if "grid" in row:

@@ -7,8 +7,9 @@ A row is a dict with:
   search before training: its forward passes and seconds are counted in the row's, as they happen.
 * ``grid`` (optional): lrs to try; each trains seed 0 for ``--search-fraction`` of the steps and is scored
   on the validation split; the best (accuracy, then loss) trains every seed (the hand-grid reference).
-* ``first_order`` (instead of ``config``): AdamW with this lr on the same objective, trained for the
-  same wall-clock as the row named by ``reference`` (see :func:`equal_wall_clock_seconds`).
+* ``first_order`` (instead of ``config``): AdamW with this ``lr`` on the same objective, trained for the
+  same wall-clock as the row named by ``reference`` (see :func:`equal_wall_clock_seconds`); with
+  ``average_last``, its last point evaluates the mean of the iterates of that last share of the time.
 
 :func:`check_row` refuses, before anything runs, a row whose settings the installed zo2 does not have.
 """
@@ -59,6 +60,8 @@ def _rows() -> dict[str, dict[str, Any]]:
     rows[f"{REFERENCE}, averaged"] = {"config": {"method": "mezo-sgd", "eps": EPS, "lr": 1e-5, "average_last": 0.5},
                                       "grid": (3e-6, 1e-5, 3e-5, 1e-4)}
     rows["first-order AdamW @ equal wall-clock"] = {"first_order": {"lr": 1e-5}, "reference": REFERENCE}
+    rows["first-order AdamW @ equal wall-clock, averaged"] = {"first_order": {"lr": 1e-5, "average_last": 0.5},
+                                                              "reference": REFERENCE}
     for method, lrs in LR_GRID.items():
         for lr in lrs:
             rows[f"{method} @ {lr:g}"] = {"config": {"method": method, "eps": EPS, **METHOD_SETTINGS[method], "lr": lr}}
@@ -69,7 +72,8 @@ ROWS: dict[str, dict[str, Any]] = _rows()
 """Every row the benchmark knows, by name."""
 
 DEFAULT_ROWS = [name for name in ROWS if "@ default lr" in name or "@ lr auto" in name] + [
-    REFERENCE, f"{REFERENCE}, averaged", "first-order AdamW @ equal wall-clock"]
+    REFERENCE, f"{REFERENCE}, averaged", "first-order AdamW @ equal wall-clock",
+    "first-order AdamW @ equal wall-clock, averaged"]
 """The full benchmark: each method at its defaults, with lr auto and with averaging; the hand grid; AdamW."""
 
 SWEEP_ROWS = [f"{method} @ {lr:g}" for method, lrs in LR_GRID.items() for lr in lrs]

@@ -45,15 +45,17 @@ def convergence(monkeypatch):
 
 def test_convergence_harness_pairs_gains_and_gives_first_order_the_reference_wall_clock(convergence, model_dir,
                                                                                          tmp_path):
-    """A tiny model through the hand-grid row and the equal-wall-clock AdamW row, two seeds: the grid keeps
+    """A tiny model through the hand-grid row and the equal-wall-clock AdamW rows, two seeds: the grid keeps
     the lr with the best validation score, a ZO run takes budget // 2 MeZO steps, AdamW stops at the first
-    step whose measured seconds reach the median of the reference seeds' summed step seconds, and every
+    step whose measured seconds reach the median of the reference seeds' summed step seconds (the averaged
+    one evaluates the mean of the iterates of the second half of that time), and every
     gain in the table is the paired gain of the stored per-example scores (seed means) over zero-shot."""
     from convergence_report import seed_mean
     from convergence_rows import REFERENCE, equal_wall_clock_seconds
 
     from zo2.tasks.scoring import paired_gain
-    convergence.main(["--rows", REFERENCE, "first-order AdamW @ equal wall-clock", "--datasets", "rotten-tomatoes",
+    convergence.main(["--rows", REFERENCE, "first-order AdamW @ equal wall-clock",
+                      "first-order AdamW @ equal wall-clock, averaged", "--datasets", "rotten-tomatoes",
                       "--seeds", "0", "1", "--forward-passes", "6", "--search-fraction", "0.5", "--eval-points", "2",
                       "--batch-size", "4", "--max-length", "24", "--train-examples", "32", "--val-examples", "8",
                       "--eval-examples", "12", "--model", str(model_dir), "--out", str(tmp_path)])
@@ -68,6 +70,9 @@ def test_convergence_harness_pairs_gains_and_gives_first_order_the_reference_wal
     for run in first_order:
         assert run["budget_seconds"] == budget
         assert sum(run["step_seconds"][:-1]) < budget <= sum(run["step_seconds"]) == run["train_seconds"]
+    for run in dataset["rows"]["first-order AdamW @ equal wall-clock, averaged"]["runs"]:  # the last half's iterates
+        elapsed = [sum(run["step_seconds"][:i + 1]) for i in range(run["steps"])]
+        assert run["averaged_iterates"] == sum(t >= budget / 2 for t in elapsed) >= 1
     zero = dataset["zero_shot"]["per_example"]
     table = (tmp_path / "table.md").read_text()
     for name, entry in dataset["rows"].items():
