@@ -152,7 +152,8 @@ class _Trials:
 
 
 def _agreed(index: int) -> int:
-    """Rank 0's choice on every rank (the scores agree already; this makes it certain)."""
+    """Rank 0's choice on every rank: the scores agree already, but clocks do not, and every rank must
+    take the same branch (the trials' steps are collectives)."""
     if not (dist.is_available() and dist.is_initialized()):
         return index
     choice = torch.tensor([index], dtype=torch.int64)
@@ -182,7 +183,7 @@ def _confirmed(trials: _Trials, candidates: list[float], best: float, steps: int
     if not below:
         return best
     screened = next(row for row in trials.table if row["lr"] == best)
-    if 2 * CONFIRM * screened["seconds"] > seconds_left:
+    if _agreed(2 * CONFIRM * screened["seconds"] > seconds_left):
         logger.warning("lr search: the time budget cannot fit the confirmation trials; keeping the screen's best %g",
                        best)
         return best
@@ -214,12 +215,12 @@ def search_lr(engine: ZOEngine, batches: Callable[[int], Batch], validation: Seq
         start_score = _validation_loss(engine, validation, objective)
         trials = _Trials(engine, start, batches, validation, objective, should_stop)
         for lr in candidates:
-            if trials.table and time.perf_counter() - begun + trials.table[0]["seconds"] > budget:
+            if trials.table and _agreed(time.perf_counter() - begun + trials.table[0]["seconds"] > budget):
                 logger.warning("lr search: the time budget fits %d of %d candidates", len(trials.table),
                                len(candidates))
                 break
             trials.run("screen", lr, steps)
-            if len(trials.table) == 1 and time.perf_counter() - begun > budget:
+            if len(trials.table) == 1 and _agreed(time.perf_counter() - begun > budget):
                 raise LRSearchError(f"the time budget ({max_seconds:g} s) cannot fit one search candidate "
                                     f"({trials.table[0]['seconds']:.1f} s for {steps} steps): raise it, lower the "
                                     "search steps, or give the lr")
