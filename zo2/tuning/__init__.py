@@ -4,13 +4,14 @@ return to the starting weights it relies on, and iterate averaging replayed from
 :func:`search_lr` picks a learning rate from a log grid around the method's default
 (:data:`zo2.methods.DEFAULTS`) by training a few steps per candidate from the same starting weights
 and scoring each on a validation slice; :func:`average_iterates` turns the last iterate into the mean
-of the last iterates. Both use the update log instead of a second copy of the model.
+of the last iterates (:func:`averaged`: for the length of a ``with`` block, on any storage). Both use the
+update log instead of a second copy of the model.
 """
 from __future__ import annotations
 
-from .averaging import average_iterates, averaging_updates
+from .averaging import average_iterates, averaged, averaging_updates
 from .lr_search import GRID, LRSearch, LRSearchError, LRSearchInterrupted, carve_validation, search_lr
-from .snapshot import StartSnapshot
+from .snapshot import KeptWeights, StartSnapshot
 
-__all__ = ["GRID", "LRSearch", "LRSearchError", "LRSearchInterrupted", "StartSnapshot", "average_iterates",
-           "averaging_updates", "carve_validation", "search_lr"]
+__all__ = ["GRID", "KeptWeights", "LRSearch", "LRSearchError", "LRSearchInterrupted", "StartSnapshot",
+           "average_iterates", "averaged", "averaging_updates", "carve_validation", "search_lr"]
