@@ -50,6 +50,7 @@ def keep(directory: Path, names: Sequence[str], marker: dict[str, Any]) -> None:
     for name in names:
         _link_or_copy(directory / name, folder / name)
     fsync_path(folder)
+    fsync_path(directory)  # kept/ itself is durable before the marker that points at it
     write_json(directory / MARKER, {**marker, "files": list(names)})
 
 
