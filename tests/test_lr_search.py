@@ -1,5 +1,6 @@
 """lr="auto": the search returns the engine to its start exactly, the training after it is bit for bit the
-run the picked lr makes directly, and the search stops, resumes and fails cleanly."""
+run the picked lr makes directly, and the search stops, resumes and fails cleanly. Disk-offloaded engines:
+test_disk_search_and_averaging.py."""
 import pytest
 import torch
 from dist_worker import launch, results_of, search_and_train
@@ -123,12 +124,6 @@ def test_a_searched_lr_survives_the_engine_state_so_a_resume_does_not_search_aga
 def test_a_budget_that_cannot_fit_one_candidate_is_a_clear_error():
     with pytest.raises(LRSearchError, match="cannot fit one search candidate"):
         search_lr(_engine("auto"), _batches, VALIDATION, steps=2, factors=FACTORS, max_seconds=1e-9)
-
-
-def test_disk_offload_is_refused_with_the_way_around(tmp_path):
-    engine = _engine("auto", zo2=True, offloading_device="disk", offload_dir=str(tmp_path))
-    with pytest.raises(NotImplementedError, match="pass the pick as ZOConfig.lr"):
-        search_lr(engine, _batches, VALIDATION, steps=1)
 
 
 def test_the_validation_slice_is_carved_from_training_data_disjointly():

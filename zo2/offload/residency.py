@@ -103,20 +103,52 @@ class Residency:
         for unit in self.units:
             unit.point_params_at(unit.master)
 
+    def on_disk(self, unit: Unit) -> bool:
+        """Whether the unit's master lives in a file of the disk store."""
+        return self.store is not None and self.store.holds(unit, MASTER)
+
     def unit_weights(self, unit: Unit) -> torch.Tensor:
         """The unit's master on the CPU (read from its file for a disk unit); flush first for current weights."""
-        if self.store is not None and self.store.holds(unit, MASTER):
+        if self.on_disk(unit):
             return self.store.read_tensor(unit.index)
         return unit.master.detach().cpu()
 
     def load_unit_weights(self, unit: Unit, weights: torch.Tensor) -> None:
         """Make the unit's master hold ``weights`` (as :meth:`unit_weights` returned them), bit for bit; every
         pending update must have been applied or dropped first. Disk units are not supported (their files
-        carry the journal's step count)."""
-        if self.store is not None and self.store.holds(unit, MASTER):
+        carry the journal's step count): :meth:`keep_disk_files` keeps and puts back theirs."""
+        if self.on_disk(unit):
             raise NotImplementedError(f"unit {unit.name} lives on disk: its weights are replaced by streaming a "
                                       "checkpoint (zo2.loading.from_checkpoint)")
         unit.master.copy_(weights.to(unit.master.device))
+
+    # ------------------------------------------------------------------- kept disk files
+    def _trainable_on_disk(self) -> list[Unit]:
+        return [unit for unit in self.units if unit.trainable and self.on_disk(unit)]
+
+    def keep_disk_files(self, purpose: str) -> None:
+        """Keep the files of the trainable disk units and the journal as they are now, crash-safely, until
+        :meth:`release_disk_files` (:meth:`zo2.offload.disk.store.DiskStore.keep`); flush first. Nothing to
+        do without a disk store."""
+        if self.store is not None:
+            self.store.keep([unit.index for unit in self._trainable_on_disk()], purpose)
+
+    def restore_disk_files(self) -> None:
+        """Put the kept files back (bit for bit, as many steps as they held) and rewind the journal to them;
+        the update log must already hold no more steps than they do (the caller drops the others)."""
+        if self.store is None:
+            return
+        self.scheduler.synchronize_host()  # every write issued has landed before files are replaced
+        self.scheduler.reset()
+        steps = self.store.restore_kept()
+        self.scheduler.journal_rewound()
+        for unit in self._trainable_on_disk():
+            self.log.mark_applied(unit.index, steps)
+
+    def release_disk_files(self) -> None:
+        """Forget the kept files: the folder's files are the run's state again (restore first to undo)."""
+        if self.store is not None:
+            self.store.release_kept()
 
     def rewrite(self, units: Sequence[Unit], change: Callable[[torch.Tensor, Unit], None]) -> None:
         """Apply ``change(buffer, unit)`` to each unit's (flushed) weights on the working device, write them

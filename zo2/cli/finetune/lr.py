@@ -15,15 +15,7 @@ import math
 from ...methods.defaults import defaults_for
 from ...objectives.classification import candidate_cross_entropy
 from ...tasks import Example, TaskError, training_batch
-from ...tuning import (
-    GRID,
-    LRSearchError,
-    LRSearchInterrupted,
-    average_iterates,
-    carve_validation,
-    search_lr,
-    search_steps,
-)
+from ...tuning import GRID, LRSearchError, LRSearchInterrupted, averaged, carve_validation, search_lr, search_steps
 from ...tuning.lr_search import MIN_VALIDATION
 from .folders import save_model_folder
 from .interrupt import StopRequested
@@ -79,13 +71,13 @@ def search_if_asked(run: Run) -> None:
 
 def average_if_asked(run: Run) -> None:
     """``--average-last``: once the last iterate is saved, average the last iterates, evaluate them and save
-    them to ``averaged/``."""
+    them to ``averaged/``; the engine holds the last iterate again afterwards (as the checkpoint does)."""
     if run.engine is None or not run.config.average_last or run.step == 0 or run.stop_reason == "interrupted":
         return
-    k = average_iterates(run.engine)
-    run.averaged = k
-    run.evaluate(keep_best=False)
-    run.evals[-1]["averaged_last"] = k
-    if run.output is not None:  # a plain model folder: the checkpoint (for --resume) keeps the last iterate
-        run.averaged_dir = run.output / "averaged"
-        save_model_folder(run.model, run.tokenizer, run.averaged_dir)
+    with averaged(run.engine) as k:
+        run.averaged = k
+        run.evaluate(keep_best=False)
+        run.evals[-1]["averaged_last"] = k
+        if run.output is not None:  # a plain model folder: the checkpoint (for --resume) keeps the last iterate
+            run.averaged_dir = run.output / "averaged"
+            save_model_folder(run.model, run.tokenizer, run.averaged_dir)

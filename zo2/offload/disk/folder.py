@@ -12,9 +12,14 @@ from pathlib import Path
 STORE_NAME = "store.json"
 """The folder's marker and description of its run, written first."""
 JOURNAL_NAME = "journal.jsonl"
+KEPT_NAME = "kept"
+"""The folder of unit files kept aside during an lr search or iterate averaging (:mod:`.kept`)."""
+KEPT_MARKER = "kept.json"
+"""Says that ``kept/`` holds the run's files (:mod:`.kept`)."""
 #: Every name zo2 writes in an offload folder (temporary files of durable writes included): all it deletes.
 _OWNED = (STORE_NAME, JOURNAL_NAME, "base.json", "lock", "unit-*.zo2", "unit-*.tmp", f".{STORE_NAME}.*.tmp",
-          f".{JOURNAL_NAME}.*.tmp", ".base.json.*.tmp", ".zo2-probe-*", ".zo2-direct-*")
+          f".{JOURNAL_NAME}.*.tmp", ".base.json.*.tmp", ".zo2-probe-*", ".zo2-direct-*", KEPT_NAME, KEPT_MARKER,
+          f".{KEPT_MARKER}.*.tmp")
 
 
 class DiskOffloadError(RuntimeError):
@@ -69,7 +74,7 @@ def refuse_foreign(directory: Path) -> None:
 
 
 def clear_folder(directory: str | os.PathLike) -> None:
-    """Delete what zo2's disk offload wrote in ``directory`` (its unit files, store.json, journal, lock),
+    """Delete what zo2's disk offload wrote in ``directory`` (its unit files, store.json, journal, lock, kept/),
     and nothing else: the way to start over in a folder that holds a run. Refused while an engine uses it."""
     path = Path(directory)
     lock = lock_folder(path)
@@ -80,9 +85,13 @@ def clear_folder(directory: str | os.PathLike) -> None:
 
 
 def delete_owned(directory: Path) -> None:
-    """Delete the files zo2 wrote in ``directory`` except the lock (never a file it did not write)."""
+    """Delete the files zo2 wrote in ``directory`` except the lock, and its ``kept/`` folder (never a file it did
+    not write). The marker of kept files goes first: a crash halfway never leaves it without its folder."""
+    (directory / KEPT_MARKER).unlink(missing_ok=True)
     for entry in directory.iterdir():
-        if _owned(entry.name) and entry.name != "lock" and entry.is_file():
+        if entry.name == KEPT_NAME and entry.is_dir():
+            shutil.rmtree(entry)
+        elif _owned(entry.name) and entry.name != "lock" and entry.is_file():
             entry.unlink()
 
 

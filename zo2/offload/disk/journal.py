@@ -33,8 +33,11 @@ class Journal:
         if not (resume and path.exists() and self._read()):
             write_bytes(path, json.dumps({"format": _FORMAT, "updates_per_step": updates_per_step,
                                           "generator": generator}).encode() + b"\n")
-        self._handle = open(path, "a")
-        weakref.finalize(self, self._handle.close)
+        self._open_for_append()
+
+    def _open_for_append(self) -> None:
+        self._handle = open(self.path, "a")
+        self._closer = weakref.finalize(self, self._handle.close)
 
     @property
     def steps(self) -> int:
@@ -85,9 +88,23 @@ class Journal:
         self._handle.flush()
         os.fsync(self._handle.fileno())
 
+    def rewind(self, steps: int) -> None:
+        """Keep the first ``steps`` steps and drop the rest, durably: the file is rewritten (header and those
+        lines) through a temporary file and renamed, so a crash leaves the old journal or the new one."""
+        if steps == self.steps:
+            return
+        if not 0 <= steps < self.steps:
+            raise HistoryError(f"{self.path} holds {self.steps} steps: it cannot be rewound to step {steps}")
+        with open(self.path, "rb") as handle:
+            kept = handle.read().split(b"\n")[:steps + 1]  # the header and the first ``steps`` lines
+        self._closer()
+        write_bytes(self.path, b"\n".join(kept) + b"\n")
+        self._updates = self._updates[:steps * self.updates_per_step]
+        self._open_for_append()
+
     def log(self) -> UpdateLog:
         """The journal as an :class:`~zo2.updates.log.UpdateLog` (no applied positions)."""
         return UpdateLog(self.updates_per_step, self._updates, generator=self.generator)
 
     def close(self) -> None:
-        self._handle.close()
+        self._closer()

@@ -187,6 +187,10 @@ class DiskTransferScheduler(TransferScheduler):
         self._writes = []
         super().synchronize_host()
 
+    def journal_rewound(self) -> None:
+        """The store's journal was rewound (kept files put back): steps are journaled again from its end."""
+        self._journaled = self.store.journal.steps
+
     def reset(self) -> None:
         super().reset()
         self._reads.clear()  # reads still running land in slots that later transfers wait behind

@@ -9,6 +9,8 @@
                              to a multiple of 4 KiB
     base.json                digests of the units kept outside the folder (:mod:`zo2.loading`)
     lock                     held (``flock``) by the one process using the folder
+    kept.json, kept/         only during an lr search or iterate averaging: the run's own unit files, kept
+                             while the unit files hold other weights (:mod:`zo2.offload.disk.kept`)
 
 Ownership: ``store.json`` is written first and is the folder's marker (it names the run: a random id, the
 host and process that created it). zo2 refuses a folder holding files it did not write, refuses to start
@@ -27,7 +29,9 @@ store other buffers beside it (e.g. an upload-only frozen part, written once and
 Crash safety: a buffer is rewritten to a temporary file, fsynced and renamed over the old one, so every
 file is a complete copy holding the number of steps its header says. The journal is appended (and
 fsynced) before a file holding a step is renamed into place, so after a crash every file's steps are in
-the journal and the rest are replayed from it (``zo2.loading.from_pretrained(..., resume=True)``).
+the journal and the rest are replayed from it (``zo2.loading.from_pretrained(..., resume=True)``). While
+``kept.json`` exists, the run's state is the kept files and the journal's first steps the marker names (an lr
+search's start, the last iterate under averaged weights): reopening with ``resume=True`` puts them back first.
 
 Page cache: files are opened with ``O_DIRECT`` where the filesystem allows it (buffers and lengths
 4 KiB aligned; see :func:`aligned_empty`); elsewhere (tmpfs, some network filesystems) every read and
@@ -58,6 +62,7 @@ from ...persist.durable import replace_file, write_json
 from ...units.storage import Unit, build_unit
 from ...updates import noise
 from ...updates.log import HistoryError, UpdateLog
+from . import kept
 from .aligned import ALIGN, aligned_empty, padded, typed
 from .folder import JOURNAL_NAME, STORE_NAME, DiskOffloadError, check_folder, delete_owned, lock_folder, refuse_foreign
 from .journal import Journal
@@ -157,6 +162,7 @@ class DiskStore:
         self._applied: dict[tuple[int, str], int] = {}
         """Steps each file holds, for the files that exist."""
         if self.resumed:
+            self._recover_kept()
             self._load_headers()
         elif base is not None:  # written ahead: the files built from these weights hold the base's steps
             self.journal.extend([base.step_updates(step) for step in range(base.steps)])
@@ -225,6 +231,9 @@ class DiskStore:
             lines = (self.directory / JOURNAL_NAME).read_bytes().split(b"\n")[1:-1]
         except FileNotFoundError:
             return 0
+        marker = self._kept_marker()
+        if marker is not None:  # the run's steps are the kept ones; the rest are an lr search's candidates
+            lines = lines[:marker["steps"]]
         try:
             if base is not None and len(lines) <= base.steps and all(
                     json.loads(line)["updates"] == [u.to_json() for u in base.step_updates(step)]
@@ -256,6 +265,50 @@ class DiskStore:
     def applied(self, unit: int, name: str = MASTER) -> int:
         """How many steps the file of ``unit``'s buffer holds."""
         return self._applied[(unit, name)]
+
+    # ----------------------------------------------------------------------------- kept files
+    def keep(self, units: Sequence[int], purpose: str) -> None:
+        """Keep the master files of ``units`` as they are now (every write landed) and the journal's length,
+        until :meth:`release_kept`: the run's state, which :meth:`restore_kept` (or reopening the folder with
+        ``resume=True`` after a crash) puts back. ``purpose`` says why, in the logs (e.g. "an lr search")."""
+        marker = {"purpose": purpose, "steps": self.journal.steps, "units": list(units)}
+        kept.keep(self.directory, [self.path(unit).name for unit in units], marker)
+
+    def _kept_marker(self) -> dict | None:
+        try:
+            return kept.read_marker(self.directory)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise DiskOffloadError(f"{self.directory / kept.MARKER} is damaged ({err}): the unit files may hold an "
+                                   f"lr search's candidates or averaged weights, not the run's; {_RECOVERY}") from None
+
+    def restore_kept(self) -> int:
+        """Make the kept files the current ones and rewind the journal to the steps they hold (the kept copies
+        stay, for the next restore); returns those steps."""
+        marker = self._kept_marker()
+        self.journal.rewind(marker["steps"])
+        try:
+            kept.put_back(self.directory, marker["files"])
+        except FileNotFoundError as err:
+            raise DiskOffloadError(f"{err}: {marker['purpose']} kept the run's files there and they are lost, so "
+                                   f"the unit files cannot be trusted; {_RECOVERY}") from None
+        for unit in marker["units"]:
+            self._applied[(unit, MASTER)] = marker["steps"]
+        return marker["steps"]
+
+    def release_kept(self) -> None:
+        """Forget the kept files (after the last :meth:`restore_kept`, or to keep what the files hold now)."""
+        kept.release(self.directory)
+
+    def _recover_kept(self) -> None:
+        """On reopening: put back the files a search or averaging kept when a crash stopped it."""
+        kept.remove_leftover(self.directory)
+        marker = self._kept_marker()
+        if marker is None:
+            return
+        steps = self.restore_kept()
+        self.release_kept()
+        logger.warning("zo2 disk offload: %s in %s did not finish; its files are back at step %d", marker["purpose"],
+                       self.directory, steps)
 
     # ------------------------------------------------------------------------------- file I/O
     def _open(self, path: Path, flags: int) -> int:
