@@ -54,7 +54,7 @@ from zo2.objectives.classification import candidate_cross_entropy
 from zo2.tasks.data import training_batch
 from zo2.tasks.encoding import PromptEncoder
 from zo2.tasks.scoring import evaluate
-from zo2.tuning import average_iterates, search_lr, steps_per_candidate
+from zo2.tuning import GRID, average_iterates, search_lr, steps_per_candidate
 
 logger = logging.getLogger("convergence")
 
@@ -133,11 +133,13 @@ def train_zo(config: dict[str, Any], seed: int, budget: int, data: tuple, eval_s
 
 def _search(engine: ZOEngine, encoder: PromptEncoder, data: tuple, seed: int, args: argparse.Namespace) -> None:
     """``lr="auto"``: zo2's search on the training pool, scored on the benchmark's validation split (never
-    the test split) with the classification objective, the whole search ``--search-fraction`` of the
-    run's steps at most."""
+    the test split) with the classification objective, its trials sized so that their training and
+    validation passes make about ``--search-fraction`` of the budget (at least one step per candidate)."""
     validation = [encoder.classification_batch(data[1][i:i + args.eval_batch_size])
                   for i in range(0, len(data[1]), args.eval_batch_size)]
-    steps = steps_per_candidate(round(args.forward_passes * args.search_fraction / len(engine.parts())))
+    validating = (1 + len(GRID) + 2) * len(data[1]) / args.batch_size  # the start, the screen, two confirmations
+    passes = args.forward_passes * args.search_fraction - validating
+    steps = steps_per_candidate(max(0, round(passes / len(engine.parts()))))
     search_lr(engine, lambda step: encoder.classification_batch(training_batch(data[0], args.batch_size, seed, step)),
               validation, steps=steps, objective=candidate_cross_entropy)
 
